@@ -1,0 +1,100 @@
+"""Checkpoints: everything needed to sample or to resume, in one file, written atomically.
+
+A checkpoint holds the model and optimizer states, the step, the RNG states, every config as a plain
+dict and the tokenizer model's bytes: `sample.py` needs nothing else. Files are loaded with
+`weights_only=True`, so a checkpoint from a stranger cannot run code.
+"""
+import os
+import pickle
+import tempfile
+from dataclasses import asdict, fields
+
+import torch
+
+from data import UserError
+from diffusion import Diffusion, DiffusionConfig
+from model import Estimator, ModelConfig
+from tokenizer import Tokenizer
+
+VERSION = 1
+
+
+def save(path: str, **state):
+    """Write to a temporary file in the same folder, flush it to disk, then rename over `path`:
+    a crash at any instant leaves either the old checkpoint or the new one, never half of one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".ckpt-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"version": VERSION, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load(path: str, map_location="cpu") -> dict:
+    """Load and check a checkpoint; any problem is a UserError with one clear line."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such checkpoint")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights_only" in str(e) or "Unsupported" in str(e):
+            raise UserError(f"{path}: refused: the file holds Python objects that could run code "
+                            f"(only tensors and plain values are loaded)") from None
+        raise UserError(f"{path}: not a checkpoint (cannot be read: {str(e).splitlines()[0]})") from None
+    except Exception as e:  # zip errors, truncated files, text files...
+        raise UserError(f"{path}: not a checkpoint ({type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or "version" not in ckpt:
+        raise UserError(f"{path}: not a checkpoint of this project")
+    if ckpt["version"] != VERSION:
+        raise UserError(f"{path}: checkpoint version {ckpt['version']}, this code reads version {VERSION}")
+    return ckpt
+
+
+def config_from(cls, d: dict, what: str):
+    """Rebuild a config dataclass, naming any key that this code does not know or lacks."""
+    names = {f.name for f in fields(cls)}
+    unknown, missing = sorted(set(d) - names), sorted(names - set(d))
+    if unknown or missing:
+        raise UserError(f"{what} config does not match this code: unknown keys {unknown}, missing keys {missing}")
+    return cls(**d)
+
+
+def build(ckpt: dict, device="cpu"):
+    """Tokenizer, model (weights loaded, strict) and Diffusion from a checkpoint alone."""
+    try:
+        tok = Tokenizer(ckpt["tokenizer"])
+    except ValueError as e:
+        raise UserError(f"checkpoint's tokenizer: {e}") from None
+    mcfg = config_from(ModelConfig, ckpt["model_config"], "model")
+    dcfg = config_from(DiffusionConfig, ckpt["diffusion_config"], "diffusion")
+    if mcfg.vocab_size != tok.vocab_size:
+        raise UserError(f"checkpoint's model has {mcfg.vocab_size} tokens but its tokenizer {tok.vocab_size}")
+    try:
+        model = Estimator(mcfg)
+    except ValueError as e:
+        raise UserError(f"checkpoint's model config: {e}") from None
+    load_state(model, ckpt["model"])
+    model.to(device).eval()
+    return tok, model, Diffusion(model, dcfg)
+
+
+def load_state(model, state: dict):
+    """Strict load that names the keys and shapes that differ."""
+    own = model.state_dict()
+    missing, unknown = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+              for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unknown or shapes:
+        raise UserError(f"checkpoint weights do not fit the model: missing {missing[:5]}, "
+                        f"unknown {unknown[:5]}, shapes differ {shapes[:5]}")
+    model.load_state_dict(state)
+
+
+def configs(model_cfg: ModelConfig, diff_cfg: DiffusionConfig) -> dict:
+    return {"model_config": asdict(model_cfg), "diffusion_config": asdict(diff_cfg)}

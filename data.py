@@ -1,0 +1,201 @@
+"""Data: read a corpus of one example a line, tokenise it once, and serve batches.
+
+A batch is a dict of three (B, L) tensors:
+    ids          token ids; each text is followed by EOS, then PAD up to the batch's longest row
+    length_mask  True on the text and its EOS; False on padding. Attention and the loss ignore padding.
+    cond_mask    True where a token is given as context (fed clean, not in the loss); see `infill_mask`.
+
+Rows of similar length are batched together, so little compute is spent on padding.
+"""
+import ast
+import math
+import os
+import random
+import re
+import sysconfig
+
+import torch
+
+from tokenizer import EOS, PAD
+
+
+class UserError(Exception):
+    """A mistake the user can fix. The entry points print it as one line and exit non-zero."""
+
+
+def read_lines(path: str) -> list[str]:
+    """Non-empty, stripped lines of a UTF-8 file; a clear UserError for anything else."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except OSError as e:
+        raise UserError(f"{path}: {e.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise UserError(f"{path}, line {line}: not UTF-8 (byte {raw[e.start]:#04x}); "
+                        f"convert it, for example with iconv -f latin1 -t utf-8") from None
+    lines = [s.strip() for s in text.split("\n")]
+    lines = [s for s in lines if s]
+    if not lines:
+        raise UserError(f"{path}: no text (the file is empty or only blank lines)")
+    return lines
+
+
+def split_valid(lines: list[str], share: float = 0.05, max_lines: int = 1000, seed: int = 0):
+    """Hold out a fixed-seed share of the corpus (None if the corpus is too small to spare any)."""
+    n = min(int(len(lines) * share), max_lines)
+    if n < 1:
+        return lines, None
+    order = list(range(len(lines)))
+    random.Random(seed).shuffle(order)
+    held = set(order[:n])
+    return [s for i, s in enumerate(lines) if i not in held], [lines[i] for i in sorted(held)]
+
+
+class Corpus:
+    """A corpus tokenised once: `self.ids[i]` is line i's ids, cropped to max_len - 1, then EOS."""
+
+    def __init__(self, lines: list[str], tok, max_len: int):
+        self.ids, self.cropped = [], 0
+        for line in lines:
+            ids = tok.encode(line)
+            if len(ids) > max_len - 1:
+                ids, self.cropped = ids[: max_len - 1], self.cropped + 1
+            self.ids.append(ids + [EOS])
+        self.lengths = torch.tensor([len(x) for x in self.ids])
+        self.max_len = max_len
+
+    def __len__(self):
+        return len(self.ids)
+
+    def length_histogram(self) -> list[int]:
+        """hist[n] = number of lines with n tokens (EOS included): the sampler draws lengths from it."""
+        return torch.bincount(self.lengths, minlength=self.max_len + 1).tolist()
+
+    def batch(self, indices, gen: torch.Generator | None = None, mask_mode: str = "mixture") -> dict:
+        rows = [self.ids[i] for i in indices]
+        B, L = len(rows), max(len(r) for r in rows)
+        ids = torch.full((B, L), PAD, dtype=torch.long)
+        for b, r in enumerate(rows):
+            ids[b, : len(r)] = torch.tensor(r)
+        length_mask = ids != PAD
+        lengths = length_mask.sum(1)
+        if mask_mode == "none":
+            cond_mask = torch.zeros_like(length_mask)
+        else:
+            cond_mask = torch.stack([infill_mask(int(n), L, gen) for n in lengths])
+        return {"ids": ids, "length_mask": length_mask, "cond_mask": cond_mask}
+
+
+# The infilling mixture: what share of training rows get which kind of context.
+MASK_MIXTURE = {"none": 0.3, "prefix": 0.2, "spans": 0.3, "scattered": 0.2}
+
+
+def infill_mask(n: int, L: int, gen: torch.Generator | None = None) -> torch.Tensor:
+    """A (L,) bool context mask for a text of n tokens (EOS included), drawn from MASK_MIXTURE:
+        none       no context: unconditional generation
+        prefix     the first 1..n-1 tokens are given: continuation
+        spans      1 to 3 contiguous spans, 10-90% of the text in all, are hidden: gap infilling
+        scattered  each token is hidden with a probability drawn from 10-90%
+    Positions past n are never context."""
+    u = lambda: torch.rand((), generator=gen).item()  # noqa: E731
+    mask = torch.zeros(L, dtype=torch.bool)
+    kinds, probs = zip(*MASK_MIXTURE.items())
+    kind = kinds[torch.multinomial(torch.tensor(probs), 1, generator=gen).item()]
+    if n < 2 or kind == "none":
+        return mask
+    if kind == "prefix":
+        mask[: 1 + int(u() * (n - 1))] = True
+    elif kind == "spans":
+        mask[:n] = True
+        k = 1 + int(u() * 3)
+        span = max(1, round((0.1 + 0.8 * u()) * n / k))
+        for _ in range(k):
+            start = int(u() * (n - span + 1))
+            mask[start: start + span] = False
+    else:
+        mask[:n] = torch.rand(n, generator=gen) > 0.1 + 0.8 * u()
+    return mask
+
+
+class Batches:
+    """Endless, resumable batches of similar-length rows.
+
+    Each epoch shuffles the corpus with seed + epoch, sorts pools of 50 batches by length, cuts
+    them into batches and shuffles the batch order. `state()` / `load_state()` give the position,
+    so a resumed run sees exactly the batches the uninterrupted run would have seen."""
+
+    def __init__(self, corpus: Corpus, batch_size: int, seed: int = 0, pool: int = 50):
+        self.corpus, self.batch_size, self.seed, self.pool = corpus, batch_size, seed, pool
+        self.epoch, self.pos = 0, 0
+        self._order = None
+
+    def _epoch_order(self) -> list[list[int]]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        perm = torch.randperm(len(self.corpus), generator=g)
+        size = self.batch_size * self.pool
+        batches = []
+        for i in range(0, len(perm), size):
+            chunk = perm[i: i + size]
+            chunk = chunk[torch.argsort(self.corpus.lengths[chunk], stable=True)].tolist()
+            batches += [chunk[j: j + self.batch_size] for j in range(0, len(chunk), self.batch_size)]
+        return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+
+    def __iter__(self):
+        while True:
+            if self._order is None:
+                self._order = self._epoch_order()
+            if self.pos >= len(self._order):
+                self.epoch, self.pos, self._order = self.epoch + 1, 0, None
+                continue
+            indices = self._order[self.pos]
+            # the infilling masks of a batch depend only on (seed, epoch, position): exact resume
+            g = torch.Generator().manual_seed(self.seed * 7919 + self.epoch * 1_000_003 + self.pos)
+            self.pos += 1
+            yield self.corpus.batch(indices, g)
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state(self, state: dict):
+        self.epoch, self.pos, self._order = state["epoch"], state["pos"], None
+
+
+def stdlib_sentences(min_words: int = 4, max_words: int = 40) -> list[str]:
+    """Sentences from the docstrings of Python's standard library, read with `ast` (nothing is
+    imported, so no module runs). Every Python install has them: the demo's offline corpus."""
+    root = sysconfig.get_paths()["stdlib"]
+    skip = {"test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3", "ensurepip", "turtledemo"}
+    seen, out = set(), []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in skip and not d.startswith("."))
+        for name in sorted(filenames):
+            if not name.endswith(".py"):
+                continue
+            try:
+                with open(os.path.join(dirpath, name), encoding="utf-8") as f:
+                    tree = ast.parse(f.read())
+            except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
+                continue
+            for node in ast.walk(tree):
+                if not isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                    continue
+                doc = ast.get_docstring(node)
+                if not doc:
+                    continue
+                # a paragraph is one run of prose; drop code examples, tables and lists
+                for para in re.split(r"\n\s*\n", doc):
+                    if re.search(r">>>|::|\|  |^\s*[-*+] |={3}|-{3}", para, re.M):
+                        continue
+                    text = " ".join(para.split())
+                    for s in re.split(r"(?<=[.!?])\s+(?=[A-Z])", text):
+                        words = s.split()
+                        if (min_words <= len(words) <= max_words and s[0].isupper() and s[-1] in ".!?"
+                                and s.isascii() and s not in seen):
+                            seen.add(s)
+                            out.append(s)
+    return out

@@ -1,0 +1,86 @@
+"""The offline demo: corpus -> tokenizer -> ~10 minutes of training -> samples and infilling.
+
+    python demo.py                      # corpus: sentences of Python's own standard-library docstrings
+    python demo.py --corpus my.txt      # your corpus instead, one example a line
+
+Everything lands in --out (default runs/demo); running it again resumes, or just samples if the
+training budget is spent.
+"""
+import argparse
+import os
+import random
+import sys
+
+import torch
+
+import checkpoint
+from data import UserError, read_lines, split_valid, stdlib_sentences
+from sample import generate
+from train import TrainConfig, train
+
+STDLIB_TEMPLATES = [
+    "Return the [gap:4] of the [gap:3].",
+    "This module provides [gap:8].",
+    "If [gap:6], a ValueError is raised.",
+]
+
+
+def hide_span(line: str, rng: random.Random):
+    """A template from a held-out line: one run of its words replaced by a gap of as many tokens."""
+    words = line.split()
+    n = max(1, len(words) // 3)
+    start = rng.randrange(0, len(words) - n + 1)
+    return " ".join(words[:start]), " ".join(words[start: start + n]), " ".join(words[start + n:])
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--corpus", help="your corpus, one example a line (default: Python docstring sentences)")
+    p.add_argument("--out", default="runs/demo", help="folder for the corpus, tokenizer and checkpoint")
+    p.add_argument("--minutes", type=float, default=10, help="training time budget")
+    p.add_argument("--preset", default="small", help="model size (see model.py)")
+    p.add_argument("--steps", type=int, default=50, help="sampling steps")
+    a = p.parse_args()
+    if not a.minutes > 0 or a.steps < 1:
+        p.error("--minutes must be positive and --steps at least 1")
+    try:
+        corpus = a.corpus
+        if corpus is None:
+            corpus = os.path.join(a.out, "corpus.txt")
+            if not os.path.exists(corpus):
+                os.makedirs(a.out, exist_ok=True)
+                lines = stdlib_sentences()
+                with open(corpus, "w", encoding="utf-8") as f:
+                    f.write("\n".join(lines) + "\n")
+                print(f"wrote {corpus}: {len(lines)} sentences from the standard library's docstrings")
+        print(f"training the '{a.preset}' preset on {corpus} for {a.minutes:g} minutes (Ctrl-C stops and saves)")
+        train(TrainConfig(corpus=corpus, out=a.out, preset=a.preset, max_minutes=a.minutes, eval_every=1000))
+
+        ckpt = checkpoint.load(os.path.join(a.out, "ckpt.pt"))
+        tok, model, diffusion = checkpoint.build(ckpt, "cpu")
+        hist = ckpt["length_hist"]
+        print("\n== unconditional samples ==")
+        for text in generate(diffusion, tok, num_samples=6, steps=a.steps, lengths_from=hist, seed=0):
+            print(" ", text)
+
+        _, held_out = split_valid(read_lines(corpus), seed=0)  # the lines train.py held out
+        rng = random.Random(0)
+        print("\n== infilling held-out lines: [the hidden words] -> the model's fill ==")
+        for line in rng.sample(held_out or [], min(4, len(held_out or []))):
+            before, hidden, after = hide_span(line, rng)
+            n = len(tok.encode(hidden))
+            fill = generate(diffusion, tok, templates=[f"{before} [gap:{n}] {after}"], steps=a.steps, seed=1)[0]
+            print(f"  {before} [{hidden}] {after}\n  -> {fill}")
+        if a.corpus is None:
+            print("\n== templates ==")
+            for t in STDLIB_TEMPLATES:
+                for text in generate(diffusion, tok, templates=[t], num_samples=2, steps=a.steps, seed=2):
+                    print(f"  {t}\n  -> {text}")
+        print(f"\nmore: python sample.py --ckpt {a.out}/ckpt.pt --template \"... [gap] ...\" --show-steps")
+    except UserError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(os.cpu_count() or 1)
+    main()

@@ -1,0 +1,195 @@
+"""The Estimator: a transformer that reads noisy token embeddings and predicts the clean ones, x̂0.
+
+Input at each position: [noisy embedding x_t ; clean context embedding (0 where not context) ;
+self-conditioning estimate (0 on the first pass)], projected to the model width, plus embeddings of
+the position counted from the start and from the end of the text. Then pre-norm
+blocks whose LayerNorms have no parameters of their own: each is followed by a FiLM scale and shift
+computed from the time t (Perez et al. 2018), so every block knows how noisy its input is.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from rotary_embedding_torch import RotaryEmbedding
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 4000
+    max_len: int = 64       # longest text the model sees, EOS included
+    embed_dim: int = 64     # token embedding width E: the space the diffusion runs in
+    width: int = 256        # transformer width D
+    depth: int = 4          # number of blocks
+    heads: int = 4
+    mlp_ratio: int = 4
+    time_dim: int = 128     # width of the time embedding that drives FiLM
+
+    def validate(self):
+        if self.width % self.heads or (self.width // self.heads) % 2:
+            raise ValueError(f"width {self.width} must split into {self.heads} heads of even size")
+        for k in ("vocab_size", "max_len", "embed_dim", "width", "depth", "heads", "mlp_ratio", "time_dim"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"model config: {k} must be positive")
+
+
+# Named presets: functions returning a config, registered by name (cf. fairseq2's architecture registry).
+PRESETS = {}
+
+
+def preset(fn):
+    PRESETS[fn.__name__] = fn
+    return fn
+
+
+@preset
+def tiny():
+    """~0.2 M parameters: tests, seconds on a CPU."""
+    return ModelConfig(embed_dim=16, width=64, depth=2, heads=2, time_dim=32)
+
+
+@preset
+def small():
+    """~4 M parameters: the CPU demo; the reference's 4-layer, width-256 configuration."""
+    return ModelConfig(embed_dim=64, width=256, depth=4, heads=4, time_dim=128)
+
+
+@preset
+def base():
+    """~96 M parameters: for a GPU."""
+    return ModelConfig(embed_dim=128, width=768, depth=12, heads=12, time_dim=256, max_len=128)
+
+
+def get_preset(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    return PRESETS[name]()
+
+
+class TimeEmbedding(nn.Module):
+    """t in [0, 1] -> sinusoidal features -> MLP, as in DDPM (Ho et al. 2020)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.register_buffer("freqs", torch.exp(-math.log(10_000) * torch.arange(dim // 2) / (dim // 2)), persistent=False)
+        self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, dim))
+
+    def forward(self, t):  # t: (B,)
+        angles = 1000 * t[:, None] * self.freqs[None]  # (B, dim/2); x1000 so that t in [0,1] spans many periods
+        return self.mlp(torch.cat([angles.sin(), angles.cos()], dim=-1))  # (B, dim)
+
+
+def film_norm(x, scale, shift):
+    """LayerNorm without affine parameters, then the time-dependent FiLM scale and shift."""
+    return F.layer_norm(x, x.shape[-1:]) * (1 + scale) + shift
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding):
+        super().__init__()
+        self.heads = cfg.heads
+        self.qkv = nn.Linear(cfg.width, 3 * cfg.width)  # one fused projection instead of three
+        self.out = nn.Linear(cfg.width, cfg.width)
+        self.rotary = rotary  # shared by all blocks; its cos/sin tables are cached per length
+
+    def forward(self, x, attn_mask):  # x: (B, L, D); attn_mask: (B, 1, 1, L), True = may attend
+        B, L, D = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, L, Dh)
+        q, k = self.rotary.rotate_queries_or_keys(q), self.rotary.rotate_queries_or_keys(k)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, H, L, Dh)
+        return self.out(y.transpose(1, 2).reshape(B, L, D))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.up = nn.Linear(cfg.width, cfg.mlp_ratio * cfg.width)
+        self.down = nn.Linear(cfg.mlp_ratio * cfg.width, cfg.width)
+
+    def forward(self, x):
+        return self.down(F.gelu(self.up(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding):
+        super().__init__()
+        self.attn = Attention(cfg, rotary)
+        self.ff = FeedForward(cfg)
+
+    def forward(self, x, film, attn_mask):  # film: (4, B, 1, D) = scale1, shift1, scale2, shift2
+        x = x + self.attn(film_norm(x, film[0], film[1]), attn_mask)
+        x = x + self.ff(film_norm(x, film[2], film[3]))
+        return x
+
+
+class Estimator(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        E, D = cfg.embed_dim, cfg.width
+        self.embedding = nn.Embedding(cfg.vocab_size, E)
+        self.time = TimeEmbedding(cfg.time_dim)
+        # FiLM for every LayerNorm (2 a block, 1 final), computed in one matmul: (scale, shift) pairs
+        self.film = nn.Linear(cfg.time_dim, (2 * cfg.depth + 1) * 2 * D)
+        self.rotary = RotaryEmbedding(dim=D // cfg.heads, cache_max_seq_len=cfg.max_len)
+        self.inp = nn.Linear(3 * E, D)
+        # Rotary attention knows relative offsets only. Position from the start and from the end
+        # tell each position where it stands, which gap positions (all alike at t = 1) need from the
+        # first step: without them the model learned to use its context many times more slowly.
+        self.pos_start = nn.Embedding(cfg.max_len, D)
+        self.pos_end = nn.Embedding(cfg.max_len, D)
+        self.blocks = nn.ModuleList(Block(cfg, self.rotary) for _ in range(cfg.depth))
+        self.out = nn.Linear(D, E)
+        # Logits are tied to the embeddings: logit_v = <x̂0, ê_v> * logit_scale. Tying gives the
+        # embedding table a reason to keep tokens apart: with MSE alone, all embeddings collapsing
+        # onto one vector would be a perfect (and useless) solution (Diffusion-LM, Li et al. 2022).
+        # The scale is learnt in log space, so it can sharpen quickly; it starts at 2/√E, which puts
+        # the logit of an exact match at 2E, sharp enough to tell thousands of tokens apart.
+        self.log_logit_scale = nn.Parameter(torch.tensor(math.log(2 / math.sqrt(cfg.embed_dim))))
+        self._init_weights()
+
+    def _init_weights(self):
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.embedding.weight, std=1.0)  # normalised on use; only the direction counts
+        nn.init.normal_(self.pos_start.weight, std=0.02)
+        nn.init.normal_(self.pos_end.weight, std=0.02)
+        # zero FiLM: every LayerNorm starts as a plain LayerNorm, whatever t is
+        nn.init.zeros_(self.film.weight)
+        # residual branches start small (GPT-2's scaled init), so the stack starts near identity
+        for b in self.blocks:
+            nn.init.normal_(b.attn.out.weight, std=0.02 / math.sqrt(2 * self.cfg.depth))
+            nn.init.normal_(b.ff.down.weight, std=0.02 / math.sqrt(2 * self.cfg.depth))
+
+    def embeddings(self):
+        """The (V, E) embedding table, each row L2-normalised and scaled to norm √E, so every
+        coordinate has unit scale like the Gaussian noise it is mixed with; and no embedding can
+        grow its norm to escape the noise (a trivial way to lower the loss)."""
+        return F.normalize(self.embedding.weight, dim=-1) * math.sqrt(self.cfg.embed_dim)
+
+    def logits(self, x0_hat):  # (B, L, E) -> (B, L, V)
+        return x0_hat @ self.embeddings().t() * self.log_logit_scale.exp()
+
+    def interpolate(self, logits):
+        """softmax(logits) @ embeddings: the expected embedding under the model's token
+        distribution (CDCD's score interpolation, Dieleman et al. 2022)."""
+        return logits.softmax(-1).to(self.embedding.weight.dtype) @ self.embeddings()
+
+    def forward(self, x_t, x_cond, x_self, t, length_mask):
+        """x_t, x_cond, x_self: (B, L, E); t: (B,) in [0, 1]; length_mask: (B, L) bool.
+        Returns x̂0 (B, L, E) and the final hidden state (B, L, D)."""
+        B, L, _ = x_t.shape
+        D = self.cfg.width
+        film = self.film(self.time(t)).view(B, 2 * self.cfg.depth + 1, 2, 1, D).permute(1, 2, 0, 3, 4)  # (N, 2, B, 1, D)
+        attn_mask = length_mask[:, None, None, :]  # (B, 1, 1, L): padding is never attended to
+        pos = torch.arange(L, device=x_t.device)  # (L,)
+        to_end = (length_mask.sum(1, keepdim=True) - 1 - pos).clamp(min=0)  # (B, L)
+        h = self.inp(torch.cat([x_t, x_cond, x_self], dim=-1)) + self.pos_start(pos) + self.pos_end(to_end)  # (B, L, D)
+        for i, block in enumerate(self.blocks):
+            h = block(h, film[2 * i: 2 * i + 2].flatten(0, 1), attn_mask)
+        h = film_norm(h, film[-1, 0], film[-1, 1])
+        return self.out(h), h

@@ -1,0 +1,169 @@
+"""Generate text, or fill the gaps of a template, with a trained checkpoint.
+
+    python sample.py --ckpt runs/demo/ckpt.pt --num-samples 4
+    python sample.py --ckpt runs/demo/ckpt.pt --template "The [gap] is a pub near [gap:3]."
+    python sample.py --ckpt runs/demo/ckpt.pt --prefix "The Eagle is" --show-steps
+
+Template syntax: `[gap]` is a gap of --gap-length tokens (default 6), `[gap:N]` one of N tokens.
+The text around the gaps is kept word for word (runs of spaces become one); the text ends where the
+template ends. A gap's fill is whole words: it never glues onto the word before it. A prefix is
+continued as the template "PREFIX [gap:N]", N drawn from the training lengths. One result a line.
+"""
+import argparse
+import os
+import re
+import sys
+
+import torch
+
+import checkpoint
+from data import UserError
+from tokenizer import EOS, PAD
+
+GAP = re.compile(r"\[gap(?::([^\]]*))?\]")
+
+
+def parse_template(template: str, tok, max_len: int, gap_length: int = 6):
+    """Template -> (ids, cond, gaps): token ids and a context flag for each position, EOS included,
+    and the (start, end) positions of each gap. Gap positions hold PAD in `ids`, False in `cond`."""
+    ids, cond, pos, gaps = [], [], 0, []
+    for m in GAP.finditer(template):
+        text = template[pos: m.start()].strip()
+        if text:
+            piece = tok.encode(text)
+            ids += piece
+            cond += [True] * len(piece)
+        n = m.group(1)
+        if n is None:
+            n = gap_length
+        elif not n.strip().isdigit() or int(n) < 1:
+            raise UserError(f"bad gap {m.group(0)!r} in template: write [gap] or [gap:N] with N a whole number from 1")
+        gaps.append((len(ids), len(ids) + int(n)))
+        ids += [PAD] * int(n)
+        cond += [False] * int(n)
+        pos = m.end()
+    if not gaps:
+        raise UserError(f"template {template[:60]!r} has no gap: mark where text goes with [gap] or [gap:N]")
+    text = template[pos:].strip()
+    if text:
+        piece = tok.encode(text)
+        ids += piece
+        cond += [True] * len(piece)
+    ids.append(EOS)
+    cond.append(True)
+    if len(ids) > max_len:
+        raise UserError(f"template needs {len(ids)} tokens (EOS included) but the model takes at most {max_len}; "
+                        f"shorten it or its gaps")
+    return ids, cond, gaps
+
+
+def fill_template(template: str, tok, ids, gaps) -> str:
+    """The template with each gap replaced by the decoded tokens the model put there."""
+    fills = iter([tok.decode(ids[a:b]) for a, b in gaps])
+    return " ".join(GAP.sub(lambda m: f" {next(fills)} ", template).split())
+
+
+def draw_lengths(n, hist, gen, min_len=1):
+    """n text lengths drawn from the training corpus's length histogram (EOS included)."""
+    w = torch.tensor(hist, dtype=torch.float)
+    w[:min_len] = 0
+    if w.sum() == 0:  # longer than anything in training: the shortest length that fits
+        return [min_len] * n
+    return torch.multinomial(w, n, replacement=True, generator=gen).tolist()
+
+
+def generate(diffusion, tok, templates=None, prefix=None, num_samples=1, steps=None, sampler=None, seed=0,
+             length=None, lengths_from=None, gap_length=6, batch_size=64, on_step=None) -> list[str]:
+    """Sample texts; the Python face of this script.
+
+    templates: list of template strings -> num_samples fills of each, template after template
+    prefix:    a text to continue -> num_samples continuations
+    neither:   num_samples unconditional texts
+    Lengths (in tokens, EOS included) are `length` if given, else drawn from `lengths_from`, the
+    training corpus's length histogram that every checkpoint carries."""
+    model = diffusion.model
+    max_len = model.cfg.max_len
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    if length is not None and not 1 <= length <= max_len:
+        raise UserError(f"--length {length}: must be between 1 and {max_len}, the model's maximum")
+    if templates:
+        templates = [t for t in templates for _ in range(num_samples)]
+    else:
+        n_prefix = len(tok.encode(prefix)) if prefix else 0
+        if n_prefix + 2 > max_len:
+            raise UserError(f"prefix is {n_prefix} tokens; the model takes at most {max_len - 2} before a gap and EOS")
+        if length is not None and length < n_prefix + 2:
+            raise UserError(f"--length {length} leaves no room after the {n_prefix}-token prefix")
+        hist = lengths_from or [0, 0] + [1] * (max_len - 1)
+        lengths = [length] * num_samples if length else draw_lengths(num_samples, hist, gen, n_prefix + 2)
+        templates = [f"{prefix or ''} [gap:{n - 1 - n_prefix}]" for n in lengths]
+    rows = [parse_template(t, tok, max_len, gap_length) for t in templates]
+    texts = []
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i: i + batch_size]
+        L = max(len(r[0]) for r in chunk)
+        ids = torch.full((len(chunk), L), PAD, dtype=torch.long)
+        cond = torch.zeros(len(chunk), L, dtype=torch.bool)
+        length_mask = torch.zeros(len(chunk), L, dtype=torch.bool)
+        for b, (r, c, _) in enumerate(chunk):
+            ids[b, : len(r)], cond[b, : len(c)], length_mask[b, : len(r)] = torch.tensor(r), torch.tensor(c), True
+        noise_gen = torch.Generator(device=device).manual_seed(seed + i)
+        out = diffusion.sample(ids.to(device), length_mask.to(device), cond.to(device), steps=steps,
+                               sampler=sampler, gen=noise_gen, on_step=on_step)
+        texts += [fill_template(t, tok, row, gaps) for t, row, (_, _, gaps)
+                  in zip(templates[i: i + batch_size], out.tolist(), chunk)]
+    return texts
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="checkpoint written by train.py (OUT/ckpt.pt)")
+    p.add_argument("--template", action="append", default=[], help="text with [gap] or [gap:N] to fill; may be repeated")
+    p.add_argument("--template-file", help="a file of templates, one a line")
+    p.add_argument("--prefix", help="text to continue")
+    p.add_argument("--num-samples", type=int, default=4, help="texts per template (or in all, without a template)")
+    p.add_argument("--steps", type=int, default=0, help="denoising steps (0: the checkpoint's default)")
+    p.add_argument("--sampler", default="", help="ddim (deterministic) or ddpm (ancestral); default: the checkpoint's")
+    p.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same output")
+    p.add_argument("--length", type=int, help="tokens per text, EOS included (default: drawn from the training lengths)")
+    p.add_argument("--gap-length", type=int, default=6, help="tokens in a [gap] without a number")
+    p.add_argument("--show-steps", action="store_true", help="print the text decoded at intermediate steps")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: one per core)")
+    a = p.parse_args()
+    if a.num_samples < 1 or a.steps < 0 or a.gap_length < 1 or a.threads < 0:
+        p.error("--num-samples and --gap-length must be at least 1; --steps and --threads not negative")
+    if a.template and a.prefix or a.template_file and a.prefix:
+        p.error("give templates or a prefix, not both")
+    torch.set_num_threads(a.threads or os.cpu_count() or 1)
+    from train import pick_device
+    try:
+        templates = list(a.template)
+        if a.template_file:
+            from data import read_lines
+            templates += read_lines(a.template_file)
+        ckpt = checkpoint.load(a.ckpt)
+        tok, model, diffusion = checkpoint.build(ckpt, pick_device(a.device))
+        steps = a.steps or diffusion.cfg.steps
+        on_step = None
+        if a.show_steps:
+            every = max(1, steps // 10)
+
+            def on_step(i, ids):
+                if (i + 1) % every == 0 or i == 0:
+                    for row in ids.tolist():
+                        print(f"[step {i + 1:>3}/{steps}] {tok.decode(row)}")
+        texts = generate(diffusion, tok, templates=templates, prefix=a.prefix, num_samples=a.num_samples,
+                         steps=steps, sampler=a.sampler or None, seed=a.seed, length=a.length,
+                         lengths_from=ckpt.get("length_hist"), gap_length=a.gap_length, on_step=on_step)
+    except UserError as e:
+        sys.exit(f"error: {e}")
+    except ValueError as e:  # an unknown sampler name
+        sys.exit(f"error: {e}")
+    for text in texts:
+        print(text)
+
+
+if __name__ == "__main__":
+    main()

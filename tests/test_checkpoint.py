@@ -1,0 +1,47 @@
+import os
+
+import pytest
+import torch
+
+import checkpoint
+from data import UserError
+from diffusion import Diffusion, DiffusionConfig
+from model import Estimator, tiny
+
+
+def test_save_then_load_gives_identical_outputs(tok, tmp_path):
+    cfg = tiny()
+    cfg.vocab_size = tok.vocab_size
+    torch.manual_seed(0)
+    model = Estimator(cfg)
+    torch.nn.init.normal_(model.film.weight, std=0.1)
+    path = str(tmp_path / "ckpt.pt")
+    checkpoint.save(path, model=model.state_dict(), tokenizer=tok.model_bytes, length_hist=[0, 0, 5],
+                    **checkpoint.configs(cfg, DiffusionConfig()))
+    assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temporary file left behind
+    tok2, model2, diff2 = checkpoint.build(checkpoint.load(path))
+    assert tok2.model_bytes == tok.model_bytes
+    x = torch.randn(2, 5, cfg.embed_dim)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    args = (x, torch.zeros_like(x), torch.zeros_like(x), torch.tensor([0.3, 0.8]), mask)
+    assert torch.equal(model(*args)[0], model2(*args)[0])
+    ids = torch.randint(4, cfg.vocab_size, (2, 5))
+    cond = torch.zeros_like(mask)
+    a = Diffusion(model, DiffusionConfig()).sample(ids, mask, cond, steps=3, gen=torch.Generator().manual_seed(0))
+    b = diff2.sample(ids, mask, cond, steps=3, gen=torch.Generator().manual_seed(0))
+    assert torch.equal(a, b)
+
+
+def test_mismatched_weights_name_the_keys(tok):
+    cfg = tiny()
+    cfg.vocab_size = tok.vocab_size
+    state = Estimator(cfg).state_dict()
+    state["extra.weight"] = torch.zeros(1)
+    del state["out.bias"]
+    with pytest.raises(UserError, match=r"missing \['out.bias'\].*unknown \['extra.weight'\]"):
+        checkpoint.load_state(Estimator(cfg), state)
+
+
+def test_unknown_config_key_is_named():
+    with pytest.raises(UserError, match="colour"):
+        checkpoint.config_from(DiffusionConfig, {**DiffusionConfig().__dict__, "colour": "red"}, "diffusion")

@@ -1,0 +1,85 @@
+import pytest
+import torch
+
+from data import MASK_MIXTURE, Batches, Corpus, UserError, infill_mask, read_lines, split_valid
+from tokenizer import EOS, PAD
+
+
+def test_read_lines_bad_input(tmp_path):
+    with pytest.raises(UserError, match="no such file"):
+        read_lines(str(tmp_path / "missing.txt"))
+    (tmp_path / "empty.txt").write_text("\n  \n\n")
+    with pytest.raises(UserError, match="no text"):
+        read_lines(str(tmp_path / "empty.txt"))
+    (tmp_path / "latin1.txt").write_bytes("ok\ncaf\xe9\n".encode("latin1"))
+    with pytest.raises(UserError, match="line 2: not UTF-8"):
+        read_lines(str(tmp_path / "latin1.txt"))
+    (tmp_path / "crlf.txt").write_bytes(b"one\r\n\r\ntwo  \r\n")
+    assert read_lines(str(tmp_path / "crlf.txt")) == ["one", "two"]
+
+
+def test_split_valid_is_fixed_and_disjoint():
+    lines = [f"line {i}" for i in range(200)]
+    a, b = split_valid(lines, seed=0)
+    assert (a, b) == split_valid(lines, seed=0)
+    assert len(b) == 10 and not set(a) & set(b) and len(a) + len(b) == 200
+    assert split_valid(lines[:10])[1] is None  # too small to spare a line
+
+
+def test_corpus_crops_and_appends_eos(tok):
+    long = " ".join(["the red fox"] * 20)
+    c = Corpus(["a black cat", long], tok, max_len=8)
+    assert c.cropped == 1
+    assert c.ids[0][-1] == EOS and len(c.ids[1]) == 8 and c.ids[1][-1] == EOS
+    assert sum(c.length_histogram()) == 2
+
+
+def test_batch_masks(tok):
+    c = Corpus(["a black cat sleeps", "the cold river runs past the mill", "hi"], tok, max_len=32)
+    b = c.batch([0, 1, 2], torch.Generator().manual_seed(0))
+    ids, lm, cm = b["ids"], b["length_mask"], b["cond_mask"]
+    assert torch.equal(lm.sum(1), c.lengths)
+    assert (ids[~lm] == PAD).all()
+    assert not (cm & ~lm).any()  # context only inside the text
+    for row, n in zip(ids, c.lengths):
+        assert row[n - 1] == EOS
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 30])
+def test_infill_mask_mixture(n):
+    g = torch.Generator().manual_seed(0)
+    masks = [infill_mask(n, 32, g) for _ in range(1000)]
+    assert all(not m[n:].any() for m in masks)  # never context past the text
+    if n < 30:
+        return
+    k = [int(m.sum()) for m in masks]
+    share = lambda cond: sum(map(cond, masks, k)) / len(masks)  # noqa: E731
+    assert abs(share(lambda m, k: k == 0) - MASK_MIXTURE["none"]) < 0.05
+    prefix = share(lambda m, k: 0 < k < n and m[:k].all())
+    assert abs(prefix - MASK_MIXTURE["prefix"]) < 0.05
+    assert share(lambda m, k: 0 < k < n and not m[:k].all()) > 0.4  # spans and scattered
+
+
+def test_batches_resume_exactly(tok):
+    lines = [f"the red fox {w}" for w in "one two three four five six seven eight nine ten".split()] * 3
+    c = Corpus(lines, tok, max_len=16)
+    a = Batches(c, batch_size=4, seed=1)
+    it = iter(a)
+    for _ in range(5):
+        next(it)
+    state = a.state()
+    expected = [next(it) for _ in range(12)]  # crosses into the next epoch
+    b = Batches(c, batch_size=4, seed=1)
+    b.load_state(state)
+    got = [x for _, x in zip(range(12), b)]
+    for e, g in zip(expected, got):
+        for k in e:
+            assert torch.equal(e[k], g[k])
+
+
+def test_batches_group_similar_lengths(tok):
+    lines = [("word " * (1 + i % 20)).strip() for i in range(400)]
+    c = Corpus(lines, tok, max_len=64)
+    b = next(iter(Batches(c, batch_size=20, seed=0)))
+    real = b["length_mask"].float().mean().item()
+    assert real > 0.8  # random batches would be about 55% real tokens

@@ -1,0 +1,113 @@
+import pytest
+import torch
+
+from diffusion import SAMPLERS, SCHEDULES, Diffusion, DiffusionConfig, get_sampler
+from model import Estimator, tiny
+
+V = 40
+
+
+def make(**kw):
+    cfg = tiny()
+    cfg.vocab_size = V
+    torch.manual_seed(0)
+    return Diffusion(Estimator(cfg), DiffusionConfig(**kw))
+
+
+def batch(B=4, L=9, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, V, (B, L), generator=g)
+    lengths = torch.tensor([9, 7, 5, 8])[:B]
+    length_mask = torch.arange(L)[None] < lengths[:, None]
+    ids = torch.where(length_mask, ids, 0)
+    cond_mask = (torch.rand(B, L, generator=g) < 0.4) & length_mask
+    return ids, length_mask, cond_mask
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULES))
+def test_schedule_endpoints_and_monotone(name):
+    gamma = SCHEDULES[name]
+    t = torch.linspace(0, 1, 101)
+    g = gamma(t)
+    assert g[0].item() == pytest.approx(1.0, abs=1e-6)
+    assert g[-1].item() == pytest.approx(0.0, abs=1e-6)
+    assert (g[1:] <= g[:-1]).all()
+
+
+def test_loss_parts_are_finite_and_positive():
+    d = make()
+    out = d.loss(*batch())
+    assert set(out) == {"loss", "mse", "ce", "acc"}
+    assert all(torch.isfinite(v) for v in out.values())
+    assert out["loss"].item() == pytest.approx(out["mse"].item() + out["ce"].item(), rel=1e-5)
+
+
+def test_loss_ignores_padding():
+    d = make(self_cond_rate=1.0)
+    ids, length_mask, cond_mask = batch()
+    a = d.loss(ids, length_mask, cond_mask, gen=torch.Generator().manual_seed(3))
+    ids2 = torch.where(length_mask, ids, torch.randint(4, V, ids.shape))  # other tokens outside the length
+    b = d.loss(ids2, length_mask, cond_mask, gen=torch.Generator().manual_seed(3))
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+
+
+def test_loss_ignores_predictions_at_context_positions():
+    d = make(self_cond_rate=0.0)
+    ids, length_mask, cond_mask = batch()
+    a = d.loss(ids, length_mask, cond_mask, gen=torch.Generator().manual_seed(3))
+    forward = d.model.forward
+
+    def garbage_at_context(*args):
+        x0_hat, h = forward(*args)
+        return torch.where(cond_mask[..., None], torch.randn_like(x0_hat) * 100, x0_hat), h
+
+    d.model.forward = garbage_at_context
+    b = d.loss(ids, length_mask, cond_mask, gen=torch.Generator().manual_seed(3))
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+
+
+def test_context_is_fed_clean():
+    """At context positions the model sees the clean embedding, whatever the noise level."""
+    d = make(self_cond_rate=0.0)
+    ids, length_mask, cond_mask = batch()
+    seen = []
+    forward = d.model.forward
+    d.model.forward = lambda x_t, x_cond, *rest: seen.append((x_t, x_cond)) or forward(x_t, x_cond, *rest)
+    d.loss(ids, length_mask, cond_mask, t=torch.ones(4))
+    x_t, x_cond = seen[0]
+    x0 = d.model.embeddings()[ids]
+    assert torch.allclose(x_t[cond_mask], x0[cond_mask])
+    assert torch.allclose(x_cond[cond_mask], x0[cond_mask])
+    assert (x_cond[~cond_mask] == 0).all()
+
+
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+def test_infilling_keeps_context(sampler):
+    d = make()
+    ids, length_mask, cond_mask = batch()
+    out = d.sample(ids, length_mask, cond_mask, steps=7, sampler=sampler, gen=torch.Generator().manual_seed(0))
+    assert out.shape == ids.shape
+    assert torch.equal(out[cond_mask], ids[cond_mask])
+    assert (out[~length_mask] == 0).all()
+    steps_seen = []
+    d.sample(ids, length_mask, cond_mask, steps=3, sampler=sampler, on_step=lambda i, x: steps_seen.append(
+        torch.equal(x[cond_mask], ids[cond_mask])))
+    assert steps_seen == [True, True, True]  # fixed from the first step to the last
+
+
+def test_ddim_is_deterministic_for_a_seed():
+    d = make()
+    ids, length_mask, cond_mask = batch()
+    cond_mask = torch.zeros_like(cond_mask)
+    run = lambda seed: d.sample(ids, length_mask, cond_mask, steps=5, gen=torch.Generator().manual_seed(seed))  # noqa: E731
+    assert torch.equal(run(1), run(1))
+    assert not torch.equal(run(1), run(2))
+
+
+def test_unknown_names_raise():
+    with pytest.raises(ValueError, match="ddim"):
+        get_sampler("euler")
+    with pytest.raises(ValueError, match="cosine"):
+        make(schedule="quadratic")

@@ -1,0 +1,66 @@
+import math
+
+import torch
+
+from model import PRESETS, Estimator, get_preset, tiny
+
+
+def make(vocab=50):
+    cfg = tiny()
+    cfg.vocab_size = vocab
+    torch.manual_seed(0)
+    return Estimator(cfg)
+
+
+def test_presets_build():
+    for name in PRESETS:
+        cfg = get_preset(name)
+        cfg.validate()
+    try:
+        get_preset("huge")
+    except ValueError as e:
+        assert "tiny" in str(e)
+    else:
+        raise AssertionError("unknown preset accepted")
+
+
+def test_shapes():
+    m = make()
+    B, L, E, D = 3, 7, m.cfg.embed_dim, m.cfg.width
+    x = torch.randn(B, L, E)
+    mask = torch.ones(B, L, dtype=torch.bool)
+    x0_hat, h = m(x, torch.zeros_like(x), torch.zeros_like(x), torch.rand(B), mask)
+    assert x0_hat.shape == (B, L, E) and h.shape == (B, L, D)
+    logits = m.logits(x0_hat)
+    assert logits.shape == (B, L, 50)
+    assert m.interpolate(logits).shape == (B, L, E)
+
+
+def test_embeddings_are_normalised():
+    m = make()
+    norms = m.embeddings().norm(dim=-1)
+    assert torch.allclose(norms, torch.full_like(norms, math.sqrt(m.cfg.embed_dim)), atol=1e-4)
+
+
+def test_time_changes_the_output():
+    m = make()
+    torch.nn.init.normal_(m.film.weight, std=0.1)  # FiLM starts at zero; give it something to do
+    x = torch.randn(1, 5, m.cfg.embed_dim)
+    z = torch.zeros_like(x)
+    mask = torch.ones(1, 5, dtype=torch.bool)
+    a, _ = m(x, z, z, torch.tensor([0.1]), mask)
+    b, _ = m(x, z, z, torch.tensor([0.9]), mask)
+    assert not torch.allclose(a, b)
+
+
+def test_padding_does_not_leak():
+    """What stands at padded positions must not change the outputs at real positions."""
+    m = make()
+    x = torch.randn(1, 6, m.cfg.embed_dim)
+    z = torch.zeros_like(x)
+    mask = torch.tensor([[True] * 4 + [False] * 2])
+    a, _ = m(x, z, z, torch.tensor([0.5]), mask)
+    x2 = x.clone()
+    x2[:, 4:] = torch.randn(1, 2, m.cfg.embed_dim) * 10
+    b, _ = m(x2, z, z, torch.tensor([0.5]), mask)
+    assert torch.allclose(a[:, :4], b[:, :4], atol=1e-5)

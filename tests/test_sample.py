@@ -1,0 +1,44 @@
+import pytest
+
+from data import UserError
+from sample import fill_template, parse_template
+from tokenizer import EOS, PAD
+
+
+def test_parse_template(tok):
+    ids, cond, gaps = parse_template("the red fox [gap] over the [gap:2] dog", tok, max_len=64, gap_length=3)
+    assert len(ids) == len(cond)
+    assert ids[-1] == EOS and cond[-1]
+    hidden = [i for i, c in enumerate(cond) if not c]
+    assert len(hidden) == 5 and all(ids[i] == PAD for i in hidden)
+    assert [b - a for a, b in gaps] == [3, 2] and hidden == [i for a, b in gaps for i in range(a, b)]
+    given = [i for i, c in zip(ids, cond) if c][:-1]
+    assert tok.decode(given) == "the red fox over the dog"
+
+
+def test_gap_at_the_edges(tok):
+    ids, cond, _ = parse_template("[gap:2] the lazy dog [gap:1]", tok, max_len=64)
+    assert cond[:2] == [False, False] and cond[-2:] == [False, True]
+
+
+@pytest.mark.parametrize("template, message", [
+    ("no gap in here", "no gap"),
+    ("a [gap:0] b", "bad gap"),
+    ("a [gap:-3] b", "bad gap"),
+    ("a [gap:x] b", "bad gap"),
+    ("a [gap:60] b", "at most"),
+])
+def test_bad_templates(tok, template, message):
+    with pytest.raises(UserError, match=message):
+        parse_template(template, tok, max_len=32)
+
+
+def test_fill_keeps_context_words(tok):
+    template = "the red fox [gap:2] over the [gap] dog."
+    ids, cond, gaps = parse_template(template, tok, max_len=64, gap_length=2)
+    # pieces without a word start, which decoded with their neighbours would glue onto them
+    glue = [i for i in range(4, tok.vocab_size) if not tok.piece(i).startswith("▁")][:2]
+    for a, b in gaps:
+        ids[a:b] = glue
+    text = fill_template(template, tok, ids, gaps)
+    assert text.startswith("the red fox ") and " over the " in text and text.endswith(" dog.")

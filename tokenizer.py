@@ -1,0 +1,108 @@
+"""SentencePiece tokenizer: train one on a corpus, then encode and decode text.
+
+    python tokenizer.py --corpus data/corpus.txt --vocab-size 4000 --out data/tok
+writes data/tok.model (what train.py needs) and data/tok.vocab (to read).
+
+Special ids are fixed so that every part of the project can rely on them:
+    pad = 0   fills positions after the end of a text
+    eos = 1   ends every text
+    bos = 2   reserved; this project never adds it
+    unk = 3   a character the model has never seen
+"""
+import argparse
+import os
+import sys
+import tempfile
+
+import sentencepiece as spm
+
+PAD, EOS, BOS, UNK = 0, 1, 2, 3
+
+
+class Tokenizer:
+    """Wraps a SentencePiece model. `encode` is deterministic unless `sample=True`."""
+
+    def __init__(self, model_bytes: bytes):
+        self.model_bytes = bytes(model_bytes)  # kept so a checkpoint can carry the tokenizer
+        self.sp = spm.SentencePieceProcessor()
+        try:
+            self.sp.LoadFromSerializedProto(self.model_bytes)
+        except Exception:
+            raise ValueError("not a SentencePiece model") from None
+        if (self.sp.pad_id(), self.sp.eos_id(), self.sp.bos_id(), self.sp.unk_id()) != (PAD, EOS, BOS, UNK):
+            raise ValueError("tokenizer was not trained by tokenizer.py (special ids differ)")
+
+    @classmethod
+    def load(cls, path: str) -> "Tokenizer":
+        with open(path, "rb") as f:
+            return cls(f.read())
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    def encode(self, text: str, sample: bool = False, alpha: float = 0.1) -> list[int]:
+        """Text -> ids, without EOS. `sample=True` draws a random segmentation (subword
+        regularisation, Kudo 2018): an augmentation for training, never the default."""
+        if sample:
+            return self.sp.encode(text, enable_sampling=True, alpha=alpha, nbest_size=-1)
+        return self.sp.encode(text)
+
+    def decode(self, ids) -> str:
+        """Ids -> text. Stops at the first EOS and drops padding."""
+        ids = [int(i) for i in ids]
+        if EOS in ids:
+            ids = ids[: ids.index(EOS)]
+        return self.sp.decode([i for i in ids if i not in (PAD, BOS)])
+
+    def piece(self, i: int) -> str:
+        return self.sp.id_to_piece(int(i))
+
+
+def train_tokenizer(lines: list[str], vocab_size: int, out: str, max_sentences: int = 1_000_000) -> Tokenizer:
+    """Train a BPE model on `lines`; write `out`.model and `out`.vocab.
+
+    Corpora larger than `max_sentences` lines are sampled, so memory stays bounded.
+    The vocabulary may come out smaller than asked on a tiny corpus (hard_vocab_limit=False)."""
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    # SentencePiece reads a file; give it the cleaned lines so that what it sees is what train.py sees.
+    with tempfile.NamedTemporaryFile("w", encoding="utf-8", suffix=".txt", delete=False) as f:
+        f.write("\n".join(lines) + "\n")
+        tmp = f.name
+    try:
+        spm.SentencePieceTrainer.train(
+            input=tmp, model_prefix=out, vocab_size=vocab_size, model_type="bpe",
+            pad_id=PAD, eos_id=EOS, bos_id=BOS, unk_id=UNK,
+            character_coverage=0.9995, hard_vocab_limit=False,
+            input_sentence_size=max_sentences, shuffle_input_sentence=True,
+            num_threads=os.cpu_count() or 1, minloglevel=2,
+        )
+    except RuntimeError as e:  # e.g. a vocabulary smaller than the corpus's characters
+        raise ValueError(f"SentencePiece could not train on this corpus: {str(e).splitlines()[0]}") from None
+    finally:
+        os.remove(tmp)
+    return Tokenizer.load(out + ".model")
+
+
+def main():
+    p = argparse.ArgumentParser(description="Train a SentencePiece BPE tokenizer on a corpus, one example a line.")
+    p.add_argument("--corpus", required=True, help="text file, UTF-8, one example a line")
+    p.add_argument("--vocab-size", type=int, default=4000, help="number of pieces, special ids included")
+    p.add_argument("--out", required=True, help="output prefix: writes PREFIX.model and PREFIX.vocab")
+    p.add_argument("--max-sentences", type=int, default=1_000_000, help="sample at most this many lines")
+    args = p.parse_args()
+    if args.vocab_size < 8:
+        sys.exit("error: --vocab-size must be at least 8")
+    from data import UserError, read_lines  # data.py imports this file, so import it late
+
+    try:
+        tok = train_tokenizer(read_lines(args.corpus), args.vocab_size, args.out, args.max_sentences)
+    except (UserError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    except OSError as e:
+        sys.exit(f"error: --out {args.out}: {e.strerror}")
+    print(f"wrote {args.out}.model ({tok.vocab_size} pieces)")
+
+
+if __name__ == "__main__":
+    main()

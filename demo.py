@@ -35,6 +35,7 @@ def hide_span(line: str, rng: random.Random):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.error = lambda message: sys.exit(f"error: {message}")  # one line, no usage dump
     p.add_argument("--corpus", help="your corpus, one example a line (default: Python docstring sentences)")
     p.add_argument("--out", default="runs/demo", help="folder for the corpus, tokenizer and checkpoint")
     p.add_argument("--minutes", type=float, default=10, help="training time budget")

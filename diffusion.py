@@ -78,6 +78,7 @@ class Diffusion:
 
     def __init__(self, model, cfg: DiffusionConfig):
         self.model, self.cfg = model, cfg
+        self.net = model  # what the training forward calls: the model, or its DistributedDataParallel wrapper
         schedule = get_schedule(cfg.schedule)
         # Scaling the noise by s divides the signal-to-noise ratio γ/(1-γ) by s²; the endpoints stay.
         self.gamma = lambda t: (lambda g: g / (g + cfg.noise_scale ** 2 * (1 - g)))(schedule(t))
@@ -89,34 +90,41 @@ class Diffusion:
         cond = cond_mask[..., None]  # (B, L, 1)
         return x0, torch.where(cond, x0, torch.zeros_like(x0))
 
-    def loss(self, ids, length_mask, cond_mask, t=None, gen=None):
+    def loss(self, ids, length_mask, cond_mask, t=None, gen=None, eps=None, self_cond=None, denom=None):
         """MSE on x̂0 plus cross-entropy on the tied logits, both averaged over the positions to
         generate (inside the length mask, outside the context). Returns a dict of scalars:
-        loss (to minimise), mse, ce and acc (token accuracy on those positions)."""
+        loss (to minimise), mse, ce and acc (token accuracy on those positions).
+
+        t (B,), eps (B, L, E) and self_cond (bool) are drawn from `gen` unless given. `denom`
+        replaces the local count of positions: with data parallelism, one count for the whole
+        batch makes the averaged gradient that of one big batch."""
         B, L = ids.shape
         dev = ids.device
         if t is None:
             t = torch.rand(B, generator=gen, device=dev)  # (B,)
         x0, x_cond = self.inputs(ids, cond_mask)
+        if eps is None:
+            eps = torch.randn(x0.shape, generator=gen, device=dev)
+        if self_cond is None:
+            self_cond = torch.rand((), generator=gen, device=dev).item() < self.cfg.self_cond_rate
         cond = cond_mask[..., None]
         gamma = self.gamma(t)[:, None, None]  # (B, 1, 1)
-        eps = torch.randn(x0.shape, generator=gen, device=dev)
         x_t = gamma.sqrt() * x0 + (1 - gamma).sqrt() * eps  # forward process q(x_t | x0)
         x_t = torch.where(cond, x0, x_t)  # context is fed clean
 
         x_self = torch.zeros_like(x0)
         # Self-conditioning (Chen et al. 2022, sec. 3.2): on some batches, a first pass without
         # gradient gives an estimate that the second pass sees as input, as it will when sampling.
-        if torch.rand((), generator=gen, device=dev).item() < self.cfg.self_cond_rate:
+        if self_cond:
             with torch.no_grad():
-                first, _ = self.model(x_t, x_cond, x_self, t, length_mask)
+                first, _ = self.net(x_t, x_cond, x_self, t, length_mask)
                 x_self = torch.where(cond, 0.0, self.model.interpolate(self.model.logits(first)).float())
 
-        x0_hat, _ = self.model(x_t, x_cond, x_self, t, length_mask)
+        x0_hat, _ = self.net(x_t, x_cond, x_self, t, length_mask)
         x0_hat = x0_hat.float()
         logits = self.model.logits(x0_hat)  # (B, L, V)
         target = (length_mask & ~cond_mask).float()  # (B, L): positions to generate
-        n = target.sum().clamp(min=1)
+        n = target.sum().clamp(min=1) if denom is None else denom
         mse = ((x0_hat - x0) ** 2).mean(-1)  # (B, L)
         ce = F.cross_entropy(logits.flatten(0, 1), ids.flatten(), reduction="none").view(B, L)
         acc = (logits.argmax(-1) == ids).float()

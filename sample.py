@@ -36,8 +36,10 @@ def parse_template(template: str, tok, max_len: int, gap_length: int = 6):
         n = m.group(1)
         if n is None:
             n = gap_length
-        elif not n.strip().isdigit() or int(n) < 1:
+        elif not re.fullmatch(r"[0-9]+", n.strip()) or int(n) < 1:
             raise UserError(f"bad gap {m.group(0)!r} in template: write [gap] or [gap:N] with N a whole number from 1")
+        elif int(n) > max_len:
+            raise UserError(f"gap {m.group(0)!r} is longer than the model takes: at most {max_len} tokens")
         gaps.append((len(ids), len(ids) + int(n)))
         ids += [PAD] * int(n)
         cond += [False] * int(n)
@@ -118,12 +120,13 @@ def generate(diffusion, tok, templates=None, prefix=None, num_samples=1, steps=N
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.error = lambda message: sys.exit(f"error: {message}")  # one line, no usage dump
     p.add_argument("--ckpt", required=True, help="checkpoint written by train.py (OUT/ckpt.pt)")
     p.add_argument("--template", action="append", default=[], help="text with [gap] or [gap:N] to fill; may be repeated")
     p.add_argument("--template-file", help="a file of templates, one a line")
     p.add_argument("--prefix", help="text to continue")
     p.add_argument("--num-samples", type=int, default=4, help="texts per template (or in all, without a template)")
-    p.add_argument("--steps", type=int, default=0, help="denoising steps (0: the checkpoint's default)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: the checkpoint's, 50)")
     p.add_argument("--sampler", default="", help="ddim (deterministic) or ddpm (ancestral); default: the checkpoint's")
     p.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same output")
     p.add_argument("--length", type=int, help="tokens per text, EOS included (default: drawn from the training lengths)")
@@ -132,8 +135,12 @@ def main():
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: one per core)")
     a = p.parse_args()
-    if a.num_samples < 1 or a.steps < 0 or a.gap_length < 1 or a.threads < 0:
-        p.error("--num-samples and --gap-length must be at least 1; --steps and --threads not negative")
+    for name in ("num_samples", "steps", "gap_length", "length"):
+        value = getattr(a, name)
+        if value is not None and value < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if a.threads < 0:
+        p.error("--threads must not be negative")
     if a.template and a.prefix or a.template_file and a.prefix:
         p.error("give templates or a prefix, not both")
     torch.set_num_threads(a.threads or os.cpu_count() or 1)

@@ -86,6 +86,7 @@ def train_tokenizer(lines: list[str], vocab_size: int, out: str, max_sentences: 
 
 def main():
     p = argparse.ArgumentParser(description="Train a SentencePiece BPE tokenizer on a corpus, one example a line.")
+    p.error = lambda message: sys.exit(f"error: {message}")  # one line, no usage dump
     p.add_argument("--corpus", required=True, help="text file, UTF-8, one example a line")
     p.add_argument("--vocab-size", type=int, default=4000, help="number of pieces, special ids included")
     p.add_argument("--out", required=True, help="output prefix: writes PREFIX.model and PREFIX.vocab")

@@ -7,6 +7,7 @@ A tokenizer is trained into OUT/tokenizer.model unless --tokenizer names one. Re
 stops at once.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -17,6 +18,8 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import checkpoint
@@ -35,7 +38,8 @@ class TrainConfig:
     out: str = "runs/default"
     preset: str = "small"
     max_len: int = 0           # 0: the preset's
-    batch_size: int = 64
+    batch_size: int = 64       # lines per optimizer step, over all processes and accumulation steps
+    grad_accum: int = 1
     lr: float = 1e-3
     min_lr_ratio: float = 0.1
     warmup: int = 100
@@ -43,6 +47,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     max_steps: int = 0         # 0: no step limit
     max_minutes: float = 0.0   # 0: no time limit
+    stop_at_step: int = 0      # save and stop here without changing the schedule (0: never)
+    keep: int = 1              # checkpoints kept: ckpt.pt and the keep-1 before it
+    check_sync: bool = False
     eval_every: int = 500
     log_every: int = 10
     noise_scale: float = 1.0
@@ -71,20 +78,21 @@ def pick_device(name: str) -> torch.device:
 
 
 @torch.no_grad()
-def validate(diffusion: Diffusion, corpus: Corpus, device, batch_size=64, max_batches=20) -> dict:
-    """Loss parts on held-out lines, with the noise, t and masks drawn from a fixed seed."""
-    gen = torch.Generator(device=device).manual_seed(1234)
-    mask_gen = torch.Generator().manual_seed(1234)
-    order = torch.argsort(corpus.lengths).tolist()
-    sums, count = {}, 0
-    for i in range(0, min(len(order), batch_size * max_batches), batch_size):
-        b = {k: v.to(device) for k, v in corpus.batch(order[i: i + batch_size], mask_gen).items()}
+def validate(diffusion: Diffusion, corpus: Corpus, device, batch_size=64, max_batches=20, rank=0, world=1) -> dict:
+    """Loss parts on held-out lines, with the noise, t and masks drawn from a fixed seed per batch.
+    With several processes each takes every world-th batch and the sums are reduced."""
+    order = torch.argsort(corpus.lengths).tolist()[: batch_size * max_batches]
+    starts = list(range(0, len(order), batch_size))
+    sums = torch.zeros(5)  # loss, mse, ce, acc weighted by positions; positions
+    for i in starts[rank::world]:
+        b = {k: v.to(device) for k, v in corpus.batch(order[i: i + batch_size], torch.Generator().manual_seed(i)).items()}
+        gen = torch.Generator(device=device).manual_seed(1234 + i)
+        n = (b["length_mask"] & ~b["cond_mask"]).sum().item()
         with autocast(device):
             parts = diffusion.loss(b["ids"], b["length_mask"], b["cond_mask"], gen=gen)
-        for k, v in parts.items():
-            sums[k] = sums.get(k, 0.0) + v.item()
-        count += 1
-    return {k: v / count for k, v in sums.items()}
+        sums += torch.tensor([parts[k].item() * n for k in ("loss", "mse", "ce", "acc")] + [n])
+    sums = all_sum(sums, world)
+    return {k: (sums[j] / sums[4].clamp(min=1)).item() for j, k in enumerate(("loss", "mse", "ce", "acc"))}
 
 
 def autocast(device):
@@ -122,12 +130,44 @@ class StopFlag:
         tqdm.write("stopping: saving a checkpoint (Ctrl-C again to quit at once)", file=sys.stderr)
 
 
+def setup_distributed(device_name: str):
+    """torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; a plain run is rank 0 of 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, pick_device(device_name)
+    use_cuda = device_name in ("auto", "cuda") and torch.cuda.is_available()
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    if use_cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return dist.get_rank(), world, torch.device("cuda", local)
+    return dist.get_rank(), world, torch.device("cpu")
+
+
+def all_sum(x: torch.Tensor, world: int) -> torch.Tensor:
+    if world > 1:
+        dist.all_reduce(x)
+    return x
+
+
 def train(cfg: TrainConfig, quiet: bool = False) -> dict:
-    """Train (or resume) as `cfg` says. Returns the last logged numbers."""
+    """Train (or resume) as `cfg` says. Returns the last logged numbers.
+
+    Every random draw of step k (t, noise, self-conditioning) comes from a generator seeded with
+    (seed, k), and the batches from a resumable order: a resumed run, and a run split over
+    several processes, compute what one uninterrupted process would."""
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
-    device = pick_device(cfg.device)
-    check_writable(cfg.out, 0)
+    rank, world, device = setup_distributed(cfg.device)
+    silent = quiet  # the same on every process: skip validation too
+    quiet = quiet or rank != 0
+    if cfg.batch_size % (world * cfg.grad_accum):
+        raise UserError(f"--batch-size {cfg.batch_size} must split evenly over {world} processes x {cfg.grad_accum} accumulation steps")
+    if rank == 0:
+        check_writable(cfg.out, 0)
+        for f in os.listdir(cfg.out):  # left by a process killed while writing a checkpoint
+            if f.startswith(".ckpt-") and f.endswith(".tmp"):
+                os.remove(os.path.join(cfg.out, f))
     ckpt_path = os.path.join(cfg.out, "ckpt.pt")
     resume = checkpoint.load(ckpt_path) if os.path.exists(ckpt_path) else None
 
@@ -143,18 +183,7 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
             raise UserError(f"{ckpt_path} was trained with another tokenizer than {cfg.tokenizer}; use another --out")
         mcfg, dcfg = model.cfg, diffusion.cfg
     else:
-        if cfg.tokenizer:
-            try:
-                tok = Tokenizer.load(cfg.tokenizer)
-            except OSError as e:
-                raise UserError(f"--tokenizer {cfg.tokenizer}: {e.strerror}") from None
-            except ValueError as e:
-                raise UserError(f"--tokenizer {cfg.tokenizer}: {e}") from None
-        else:
-            try:
-                tok = train_tokenizer(train_lines, cfg.vocab_size, os.path.join(cfg.out, "tokenizer"))
-            except ValueError as e:
-                raise UserError(str(e)) from None
+        tok = load_or_train_tokenizer(cfg, train_lines, rank, world)
         mcfg = get_preset(cfg.preset)
         mcfg.vocab_size = tok.vocab_size
         if cfg.max_len:
@@ -163,13 +192,18 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
         model = Estimator(mcfg).to(device)
         diffusion = Diffusion(model, dcfg)
     model.train()
+    if world > 1:
+        # averages gradients over the processes in backward; the buffers are constants, and
+        # broadcasting them would make every forward (validation too) a collective step
+        diffusion.net = DDP(model, broadcast_buffers=False)
 
     corpus = Corpus(train_lines, tok, mcfg.max_len)
     valid = Corpus(valid_lines, tok, mcfg.max_len) if valid_lines else None
-    if corpus.cropped:
+    if corpus.cropped and rank == 0:
         print(f"note: {corpus.cropped} of {len(corpus)} lines were longer than {mcfg.max_len - 1} tokens and were cropped", file=sys.stderr)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    check_writable(cfg.out, n_params * 4 * 3)
+    if rank == 0:
+        check_writable(cfg.out, n_params * 4 * 3 * (1 + cfg.keep))
 
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]  # no weight decay on biases and scalars
@@ -182,27 +216,24 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
         opt.load_state_dict(resume["optimizer"])
         batches.load_state(resume["batches"])
         step, elapsed_before = resume["step"], resume["elapsed"]
-        torch.set_rng_state(resume["rng"]["cpu"])
-        if device.type == "cuda" and "cuda" in resume["rng"]:
-            torch.cuda.set_rng_state(resume["rng"]["cuda"])
 
     resolved = {"train": asdict(cfg), **checkpoint.configs(mcfg, dcfg)}
-    with open(os.path.join(cfg.out, "config.json"), "w") as f:
-        json.dump(resolved, f, indent=2)
+    if rank == 0:
+        with open(os.path.join(cfg.out, "config.json"), "w") as f:
+            json.dump(resolved, f, indent=2)
     if not quiet:
         print(json.dumps(resolved))
         print(f"{n_params / 1e6:.2f} M parameters, {len(corpus)} training lines"
-              f"{f', {len(valid)} held-out' if valid else ''}, device {device}, {torch.get_num_threads()} threads"
-              f"{', resuming at step ' + str(step) if resume else ''}")
+              f"{f', {len(valid)} held-out' if valid else ''}, device {device}, {world} process(es), "
+              f"{torch.get_num_threads()} threads{', resuming at step ' + str(step) if resume else ''}")
 
     def save():
-        rng = {"cpu": torch.get_rng_state()}
-        if device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state()
-        checkpoint.save(ckpt_path, model=model.state_dict(), optimizer=opt.state_dict(), step=step,
-                        elapsed=elapsed_before + time.time() - start, batches=batches.state(), rng=rng,
-                        tokenizer=tok.model_bytes, length_hist=corpus.length_histogram(),
-                        train_config=asdict(cfg), **checkpoint.configs(mcfg, dcfg))
+        if rank == 0:
+            checkpoint.save(ckpt_path, keep=cfg.keep, model=model.state_dict(), optimizer=opt.state_dict(), step=step,
+                            elapsed=elapsed_before + time.time() - start, batches=batches.state(),
+                            rng={"cpu": torch.get_rng_state()}, tokenizer=tok.model_bytes,
+                            length_hist=corpus.length_histogram(), train_config=asdict(cfg),
+                            **checkpoint.configs(mcfg, dcfg))
 
     def progress():
         p = 0.0
@@ -216,31 +247,36 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
     start = time.time()
     bar = tqdm(total=cfg.max_steps or None, initial=step, disable=quiet, dynamic_ncols=True, mininterval=1, file=sys.stdout)
     logged, sums, tokens, t_log = {}, {}, 0, time.time()
-    for batch in batches:
-        if progress() >= 1 or stopper.stop or (not cfg.max_steps and not cfg.max_minutes):
+    it = iter(batches)
+    while True:
+        # all processes agree on when to stop (rank 0's clock, anyone's Ctrl-C)
+        state = all_sum(torch.tensor([progress() if rank == 0 else 0.0, float(stopper.stop)]), world)
+        p, stop = state[0].item(), state[1].item() > 0
+        if p >= 1 or stop or (cfg.stop_at_step and step >= cfg.stop_at_step):
             break
-        lr = lr_at(cfg, step, progress())
+        lr = lr_at(cfg, step, p)
         for g in opt.param_groups:
             g["lr"] = lr
-        b = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        with autocast(device):
-            parts = diffusion.loss(b["ids"], b["length_mask"], b["cond_mask"])
-        opt.zero_grad(set_to_none=True)
-        parts["loss"].backward()
+        parts = train_step(diffusion, next(it), cfg, step, rank, world, device)
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
+        opt.zero_grad(set_to_none=True)
         step += 1
-        tokens += int(batch["length_mask"].sum())
+        if cfg.check_sync and world > 1:
+            check_in_sync(params, world)
+        tokens += parts.pop("tokens")
         for k, v in parts.items():  # summed on the device: no host sync every step
             sums[k] = sums.get(k, 0) + v.detach()
 
         if step % cfg.log_every == 0:
-            logged = {k: v.item() / cfg.log_every for k, v in sums.items()}
+            keys = sorted(sums)
+            total = all_sum(torch.stack([sums[k].float().cpu() for k in keys]), world)
+            logged = {k: v.item() / cfg.log_every for k, v in zip(keys, total)}
             if not math.isfinite(logged["loss"]):
                 bar.close()
                 raise UserError(f"loss is {logged['loss']} at step {step}; stopped. The last good checkpoint "
                                 f"is kept in {ckpt_path}; try a lower --lr")
-            tok_s = tokens / (time.time() - t_log)
+            tok_s = world * tokens / (time.time() - t_log)
             bar.set_postfix(loss=f"{logged['loss']:.3f}", mse=f"{logged['mse']:.3f}", ce=f"{logged['ce']:.3f}",
                             acc=f"{logged['acc']:.3f}", tok_s=f"{tok_s:.0f}", lr=f"{lr:.1e}")
             logged["tokens_per_s"] = tok_s
@@ -248,24 +284,85 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
         bar.update(1)
 
         if step % cfg.eval_every == 0:
-            report(diffusion, tok, corpus, valid, device, step, quiet)
+            report(diffusion, tok, corpus, valid, device, step, silent, rank, world)
             save()
             t_log, tokens = time.time(), 0  # evaluation time is not training time
     bar.close()
     save()
+    report(diffusion, tok, corpus, valid, device, step, silent, rank, world)
     if not quiet:
-        report(diffusion, tok, corpus, valid, device, step, quiet)
         print(f"saved {ckpt_path} at step {step}")
+    if world > 1:
+        dist.destroy_process_group()
     return logged
 
 
-def report(diffusion, tok, corpus, valid, device, step, quiet):
-    """Validation numbers and a few unconditional samples, printed above the progress bar."""
-    if quiet:
+def train_step(diffusion, batch, cfg, step, rank, world, device) -> dict:
+    """Forward and backward for one global batch, of which this process takes every world-th row,
+    in cfg.grad_accum pieces. The noise is drawn for the whole batch from (seed, step), then sliced,
+    so each row gets the same noise whatever the number of processes."""
+    ids, length_mask, cond_mask = batch["ids"], batch["length_mask"], batch["cond_mask"]
+    B, L = ids.shape
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    t = torch.rand(B, generator=g)  # (B,)
+    eps = torch.randn(B, L, diffusion.model.cfg.embed_dim, generator=g)  # (B, L, E)
+    self_cond = torch.rand((), generator=g).item() < diffusion.cfg.self_cond_rate
+    # the average over all target positions of the global batch, whatever the split
+    denom = (length_mask & ~cond_mask).sum().clamp(min=1).float() / world
+    rows = torch.arange(B)[rank::world].chunk(cfg.grad_accum)
+    sums = {}
+    for i, r in enumerate(rows):
+        last = i == len(rows) - 1
+        sync = contextlib.nullcontext() if last or world == 1 else diffusion.net.no_sync()
+        with sync:
+            with autocast(device):
+                parts = diffusion.loss(ids[r].to(device), length_mask[r].to(device), cond_mask[r].to(device),
+                                       t=t[r].to(device), eps=eps[r].to(device), self_cond=self_cond,
+                                       denom=denom.to(device))
+            parts["loss"].backward()
+        for k, v in parts.items():
+            sums[k] = sums.get(k, 0) + v.detach()
+    sums["tokens"] = int(length_mask[torch.arange(B)[rank::world]].sum())
+    return sums
+
+
+def check_in_sync(params, world):
+    """Debugging aid: every process must hold the very same parameters after a step."""
+    mine = torch.cat([p.detach().float().flatten().cpu() for p in params])
+    everyone = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(everyone, mine)
+    if not all(torch.equal(mine, other) for other in everyone):
+        raise RuntimeError("processes hold different parameters")
+
+
+def load_or_train_tokenizer(cfg, train_lines, rank, world):
+    """--tokenizer, or one trained here by rank 0 into OUT/tokenizer.model (the others wait)."""
+    path = cfg.tokenizer or os.path.join(cfg.out, "tokenizer.model")
+    if not cfg.tokenizer and rank == 0:
+        try:
+            train_tokenizer(train_lines, cfg.vocab_size, path[: -len(".model")])
+        except ValueError as e:
+            raise UserError(str(e)) from None
+    if world > 1:
+        dist.barrier()
+    try:
+        return Tokenizer.load(path)
+    except OSError as e:
+        raise UserError(f"--tokenizer {path}: {e.strerror}") from None
+    except ValueError as e:
+        raise UserError(f"--tokenizer {path}: {e}") from None
+
+
+def report(diffusion, tok, corpus, valid, device, step, silent, rank=0, world=1):
+    """Validation numbers (reduced over the processes) and, on rank 0, a few unconditional samples."""
+    if silent:
         return
     if valid is not None:
-        v = validate(diffusion, valid, device)
-        tqdm.write(f"step {step}: valid loss {v['loss']:.3f} mse {v['mse']:.3f} ce {v['ce']:.3f} acc {v['acc']:.3f}")
+        v = validate(diffusion, valid, device, rank=rank, world=world)
+        if rank == 0:
+            tqdm.write(f"step {step}: valid loss {v['loss']:.3f} mse {v['mse']:.3f} ce {v['ce']:.3f} acc {v['acc']:.3f}")
+    if rank != 0:
+        return
     from sample import generate  # sample.py imports train-free modules only
     for text in generate(diffusion, tok, num_samples=3, lengths_from=corpus.length_histogram(), seed=step):
         tqdm.write(f"  sample: {text}")
@@ -274,6 +371,7 @@ def report(diffusion, tok, corpus, valid, device, step, quiet):
 def parse_args(argv=None) -> TrainConfig:
     d = TrainConfig()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.error = lambda message: sys.exit(f"error: {message}")  # one line, no usage dump
     p.add_argument("--corpus", required=True, help="training text, UTF-8, one example a line")
     p.add_argument("--valid", default=d.valid, help="held-out text; default: hold out 5%% of --corpus (fixed seed, at most 1000 lines)")
     p.add_argument("--tokenizer", default=d.tokenizer, help="a .model file from tokenizer.py; default: train one into OUT/tokenizer.model")
@@ -282,6 +380,7 @@ def parse_args(argv=None) -> TrainConfig:
     p.add_argument("--preset", default=d.preset, choices=sorted(PRESETS), help="model size, see model.py")
     p.add_argument("--max-len", type=int, default=d.max_len, help="longest text in tokens, EOS included (0: the preset's)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="lines per step")
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="split each batch into this many sequential pieces (less memory, same result)")
     p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
     p.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="final learning rate as a share of --lr")
     p.add_argument("--warmup", type=int, default=d.warmup, help="linear warm-up steps")
@@ -289,6 +388,9 @@ def parse_args(argv=None) -> TrainConfig:
     p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="clip the gradient norm to this")
     p.add_argument("--max-steps", type=int, default=d.max_steps, help="stop after this many steps in all (0: no limit)")
     p.add_argument("--max-minutes", type=float, default=d.max_minutes, help="stop after this many minutes of training in all (0: no limit)")
+    p.add_argument("--stop-at-step", type=int, default=d.stop_at_step, help="save and stop at this step; the schedule still follows --max-steps/--max-minutes, so a rerun continues it")
+    p.add_argument("--keep", type=int, default=d.keep, help="keep this many checkpoints: OUT/ckpt.pt and OUT/ckpt-STEP.pt before it")
+    p.add_argument("--check-sync", action="store_true", help="under torchrun, check after every step that all processes hold the same parameters")
     p.add_argument("--eval-every", type=int, default=d.eval_every, help="validate, print samples and save every N steps")
     p.add_argument("--log-every", type=int, default=d.log_every, help="update the progress bar every N steps")
     p.add_argument("--noise-scale", type=float, default=d.noise_scale, help="noise std relative to the cosine schedule's (SNR / scale^2)")
@@ -297,10 +399,10 @@ def parse_args(argv=None) -> TrainConfig:
     p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (0: one per core)")
     a = p.parse_args(argv)
     cfg = TrainConfig(**{k.replace("-", "_"): v for k, v in vars(a).items()})
-    for name in ("batch_size", "eval_every", "log_every", "vocab_size"):
+    for name in ("batch_size", "eval_every", "log_every", "vocab_size", "grad_accum", "keep"):
         if getattr(cfg, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
-    for name in ("max_steps", "max_minutes", "warmup", "max_len", "threads", "weight_decay"):
+    for name in ("max_steps", "max_minutes", "warmup", "max_len", "threads", "weight_decay", "stop_at_step"):
         if getattr(cfg, name) < 0:
             p.error(f"--{name.replace('_', '-')} must not be negative")
     if not cfg.lr > 0 or not cfg.grad_clip > 0:

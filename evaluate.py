@@ -1,0 +1,263 @@
+"""Measure a checkpoint on held-out lines: denoising, infilling, free samples and their cost.
+
+    python evaluate.py --ckpt runs/demo/ckpt.pt --valid held_out.txt --judge runs/demo/judge.pt --json eval.json
+
+denoising: mse, ce and accuracy of x̂0 at fixed t, no context. infilling: the real sampler fills one
+hidden span (25-50% of a line) or scattered tokens (15%). samples: unconditional samples beside held-out
+lines: judge perplexity (judge.py), unigram entropy, distinct-2, share copied from training, length.
+cost: seconds and network evaluations per sample. Every draw comes from --seed: a rerun gives the same
+numbers, seconds aside. Compare at equal counts (--num-samples = --num-lines): distinct-n falls as
+texts are added.
+"""
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from collections import Counter
+from dataclasses import replace
+
+import torch
+from torch.nn.utils.rnn import pad_sequence
+
+import checkpoint
+from data import Corpus, UserError, read_lines
+from diffusion import Diffusion, get_sampler
+from judge import diffusion_tokenizer, load_judge, perplexity
+from sample import generate
+from tokenizer import BOS, EOS, PAD
+from train import pick_device
+
+TIMES = (0.1, 0.3, 0.5, 0.7, 0.9)
+
+
+# --- metrics: small pure functions ------------------------------------------------------------------
+
+def unigram_entropy(token_lists) -> float:
+    """Entropy in nats of the token frequencies pooled over all lists; low when few tokens recur."""
+    counts = Counter(t for tokens in token_lists for t in tokens)
+    n = sum(counts.values())
+    return -sum(c / n * math.log(c / n) for c in counts.values()) if n else 0.0
+
+
+def distinct_n(texts, n=2) -> float:
+    """Unique word n-grams / all word n-grams over all texts (Li et al. 2016); low when samples repeat."""
+    grams = [tuple(w[i: i + n]) for text in texts for w in [text.split()] for i in range(len(w) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def fill_accuracy(pred, target, hidden_mask) -> tuple[float, float]:
+    """(B, L) predicted and true ids, (B, L) bool hidden -> (token accuracy on hidden positions,
+    share of the rows with a hidden token whose hidden tokens are all right)."""
+    right = (pred == target) & hidden_mask
+    rows = hidden_mask.any(1)
+    exact = (right == hidden_mask).all(1) & rows
+    return right.sum().item() / max(1, hidden_mask.sum().item()), exact.sum().item() / max(1, rows.sum().item())
+
+
+def copied_share(samples, train_set) -> float:
+    """Share of samples that are, word for word, a line of the training corpus: memorisation."""
+    return sum(s in train_set for s in samples) / len(samples) if samples else 0.0
+
+
+def text_tokens(ids) -> list[int]:
+    """The tokens a row's text is made of, as Tokenizer.decode reads it: up to the first EOS, no PAD or BOS."""
+    ids = list(ids)
+    return [i for i in (ids[: ids.index(EOS)] if EOS in ids else ids) if i not in (PAD, BOS)]
+
+
+# --- what to hide for infilling: (n,) bool, True = hidden, for a line of n tokens, EOS included ------
+
+def hide_span(n, gen):
+    """One contiguous span of 25-50% of the text; EOS stays given, so the length is known."""
+    mask, m = torch.zeros(n, dtype=torch.bool), n - 1
+    if m > 0:
+        k = max(1, round((0.25 + 0.25 * torch.rand((), generator=gen).item()) * m))
+        start = int(torch.rand((), generator=gen).item() * (m - k + 1))
+        mask[start: start + k] = True
+    return mask
+
+
+def hide_scattered(n, gen, share=0.15):
+    """`share` of the text's tokens (at least one) at positions drawn without replacement."""
+    mask, m = torch.zeros(n, dtype=torch.bool), n - 1
+    if m > 0:
+        mask[torch.randperm(m, generator=gen)[: max(1, round(share * m))]] = True
+    return mask
+
+
+HIDE = {"span": hide_span, "scattered": hide_scattered}
+
+
+def hide(kind, n, gen):
+    if kind not in HIDE:
+        raise ValueError(f"unknown infilling kind {kind!r}; choose from {', '.join(HIDE)}")
+    return HIDE[kind](n, gen)
+
+
+# --- the sections ----------------------------------------------------------------------------------
+
+@torch.no_grad()
+def denoising(diffusion, corpus, times=TIMES, seed=0, batch_size=64) -> dict:
+    """{t: {mse, ce, acc}} from Diffusion.loss at each fixed t, token-weighted over all lines."""
+    # A copy with self-conditioning off: the caller's config is left as it is.
+    plain = Diffusion(diffusion.model, replace(diffusion.cfg, self_cond_rate=0.0))
+    device = next(diffusion.model.parameters()).device
+    order = torch.argsort(corpus.lengths, stable=True).tolist()
+    out = {}
+    for k, t in enumerate(times):
+        gen = torch.Generator(device=device).manual_seed(seed * 1000 + k)
+        sums, count = {"mse": 0.0, "ce": 0.0, "acc": 0.0}, 0
+        for i in range(0, len(order), batch_size):
+            b = {key: v.to(device) for key, v in corpus.batch(order[i: i + batch_size], mask_mode="none").items()}
+            parts = plain.loss(b["ids"], b["length_mask"], b["cond_mask"],
+                               t=torch.full((len(b["ids"]),), t, device=device), gen=gen)
+            n = int(b["length_mask"].sum())
+            for key in sums:
+                sums[key] += parts[key].item() * n
+            count += n
+        out[f"{t:g}"] = {key: v / count for key, v in sums.items()}
+    return out
+
+
+@torch.no_grad()
+def infilling(diffusion, corpus, kind, steps, sampler, seed=0, batch_size=64) -> dict:
+    """Hide tokens of each line as `kind` says, fill them with Diffusion.sample, score the fills."""
+    device = next(diffusion.model.parameters()).device
+    mask_gen = torch.Generator().manual_seed(seed)
+    hidden = pad_sequence([hide(kind, len(ids), mask_gen) for ids in corpus.ids], batch_first=True)  # (N, L)
+    target = pad_sequence([torch.tensor(ids) for ids in corpus.ids], batch_first=True, padding_value=PAD)  # (N, L)
+    pred = torch.full_like(target, PAD)
+    order = torch.argsort(corpus.lengths, stable=True).tolist()
+    for i in range(0, len(order), batch_size):
+        idx = order[i: i + batch_size]
+        b = corpus.batch(idx, mask_mode="none")  # (B, l): rows of similar lengths, padded
+        h = hidden[idx, : b["ids"].shape[1]]  # (B, l)
+        ids = torch.where(h, PAD, b["ids"])  # the hidden tokens never reach the sampler
+        gen = torch.Generator(device=device).manual_seed(seed * 1000 + i)
+        out = diffusion.sample(ids.to(device), b["length_mask"].to(device), (b["length_mask"] & ~h).to(device),
+                               steps=steps, sampler=sampler, gen=gen)
+        pred[idx, : out.shape[1]] = out.cpu()
+    acc, exact = fill_accuracy(pred, target, hidden)
+    return {"acc": acc, "exact": exact, "hidden_share": hidden.sum().item() / (corpus.lengths - 1).sum().item()}
+
+
+def unconditional(diffusion, tok, num_samples, steps, sampler, seed, length_hist, batch_size):
+    """K samples from sample.generate: (texts, their tokens as the model wrote them, seconds)."""
+    final = []
+
+    def keep_last(i, ids):  # generate calls this per batch and step; the last step is the output
+        if i == steps - 1:
+            final.extend(text_tokens(row) for row in ids.tolist())
+
+    start = time.perf_counter()
+    texts = generate(diffusion, tok, num_samples=num_samples, steps=steps, sampler=sampler, seed=seed,
+                     lengths_from=length_hist, batch_size=batch_size, on_step=keep_last)
+    return texts, final, time.perf_counter() - start
+
+
+def text_stats(texts, tokens, judge, tok, train_set) -> dict:
+    """The same numbers for samples and for held-out lines, so that each has its reference."""
+    lengths = [len(t) + 1 for t in tokens]  # EOS included, as everywhere in this project
+    return {"judge_ppl": perplexity(judge, tok, texts) if judge is not None else None,
+            "entropy": unigram_entropy(tokens), "distinct_2": distinct_n(texts, 2),
+            "copied": copied_share([" ".join(s.split()) for s in texts], train_set) if train_set else None,
+            "length_mean": statistics.fmean(lengths), "length_std": statistics.pstdev(lengths)}
+
+
+def evaluate(diffusion, tok, valid_lines, judge=None, train_lines=None, length_hist=None, num_lines=200,
+             num_samples=200, steps=50, sampler="ddim", seed=0, batch_size=64) -> dict:
+    """All sections as a dict of plain values (the JSON)."""
+    max_len = diffusion.model.cfg.max_len
+    pick = torch.randperm(len(valid_lines), generator=torch.Generator().manual_seed(seed))[:num_lines]
+    lines = [valid_lines[i] for i in sorted(pick.tolist())]
+    corpus = Corpus(lines, tok, max_len)
+    # training lines as a sample would spell them: cropped to the model's length, decoded, spaces collapsed
+    train_set = None
+    if train_lines:
+        train_set = {" ".join(tok.decode(ids).split()) for ids in Corpus(train_lines, tok, max_len).ids}
+    r = {"settings": {"num_lines": len(lines), "num_samples": num_samples, "steps": steps, "sampler": sampler,
+                      "seed": seed, "judge": judge is not None, "train": train_set is not None}}
+    r["denoising"] = denoising(diffusion, corpus, TIMES, seed, batch_size)
+    r["infilling"] = {kind: infilling(diffusion, corpus, kind, steps, sampler, seed, batch_size) for kind in HIDE}
+    texts, tokens, seconds = unconditional(diffusion, tok, num_samples, steps, sampler, seed, length_hist, batch_size)
+    r["samples"] = text_stats(texts, tokens, judge, tok, train_set)
+    r["held_out"] = text_stats([tok.decode(ids) for ids in corpus.ids], [text_tokens(ids) for ids in corpus.ids],
+                               judge, tok, train_set)
+    # self-conditioning reuses the previous step's estimate: one network evaluation a step, no more
+    r["cost"] = {"seconds_per_sample": seconds / num_samples, "evals_per_sample": steps, "batch_size": batch_size}
+    r["examples"] = texts[:5]
+    return r
+
+
+def table(r) -> str:
+    s, c, row = r["settings"], r["cost"], lambda label, *cells: f"  {label:<32}" + "".join(f"{v:>13}" for v in cells)
+    out = [f"denoising: {s['num_lines']} held-out lines, no context, self-conditioning off",
+           "  t" + " " * 30 + "".join(f"{t:>8}" for t in r["denoising"])]
+    out += [f"  {k:<31}" + "".join(f"{v[k]:>8.3f}" for v in r["denoising"].values()) for k in ("mse", "ce", "acc")]
+    out += [f"infilling: {s['steps']} {s['sampler']} steps", row("", "token acc", "exact lines")]
+    for kind, label in (("span", "one span, 25-50% hidden"), ("scattered", "scattered, 15% hidden")):
+        out.append(row(label, *(f"{r['infilling'][kind][k]:.3f}" for k in ("acc", "exact"))))
+    out += [f"samples: {s['num_samples']} unconditional, beside the held-out lines", row("", "samples", "held-out")]
+    for key, label, spec in (("judge_ppl", "judge perplexity", ".2f"), ("entropy", "unigram entropy (nats)", ".3f"),
+                             ("distinct_2", "distinct-2", ".3f"), ("copied", "copied from training", ".3f"),
+                             ("length_mean", "length mean (tokens)", ".2f"), ("length_std", "length std", ".2f")):
+        out.append(row(label, *("-" if r[k][key] is None else format(r[k][key], spec) for k in ("samples", "held_out"))))
+    out += [f"cost: batches of {c['batch_size']}", row("seconds per sample", f"{c['seconds_per_sample']:.4f}"),
+            row("network evaluations per sample", c["evals_per_sample"])]
+    return "\n".join(out)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
+    p.add_argument("--valid", required=True, help="held-out text, one example a line, never trained on")
+    p.add_argument("--judge", default="", help="judge written by judge.py for this checkpoint: adds perplexities")
+    p.add_argument("--train", default="", help="training text for the copy check (default: the checkpoint's corpus, if found)")
+    p.add_argument("--num-lines", type=int, default=200, help="held-out lines to use (a fixed-seed choice)")
+    p.add_argument("--num-samples", type=int, default=200, help="unconditional samples")
+    p.add_argument("--steps", type=int, default=50, help="denoising steps for infilling and samples")
+    p.add_argument("--sampler", default="ddim", help="ddim (deterministic) or ddpm (ancestral)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every draw: the same seed gives the same numbers")
+    p.add_argument("--batch-size", type=int, default=64, help="lines or samples a batch")
+    p.add_argument("--json", default="", help="also write the results to this file")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: one per core)")
+    a = p.parse_args(argv)
+    if min(a.num_lines, a.num_samples, a.steps, a.batch_size) < 1 or a.threads < 0:
+        p.error("--num-lines, --num-samples, --steps and --batch-size must be at least 1; --threads not negative")
+    torch.set_num_threads(a.threads or os.cpu_count() or 1)
+    try:
+        get_sampler(a.sampler)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    try:
+        ckpt = checkpoint.load(a.ckpt)
+        diffusion_tokenizer(ckpt, a.ckpt)  # a judge or a foreign file given as --ckpt: a clear error
+        tok, _, diffusion = checkpoint.build(ckpt, pick_device(a.device))
+        valid_lines = read_lines(a.valid)
+        judge = None
+        if a.judge:
+            judge = load_judge(a.judge, next(diffusion.model.parameters()).device, (tok, a.ckpt))[1]
+        train_path = a.train or ckpt.get("train_config", {}).get("corpus", "")
+        train_lines = read_lines(train_path) if a.train or (train_path and os.path.isfile(train_path)) else None
+        if a.json and not os.path.isdir(os.path.dirname(os.path.abspath(a.json))):
+            raise UserError(f"--json {a.json}: no such folder")
+        r = evaluate(diffusion, tok, valid_lines, judge, train_lines, ckpt.get("length_hist"), a.num_lines,
+                             a.num_samples, a.steps, a.sampler, a.seed, a.batch_size)
+    except UserError as e:
+        sys.exit(f"error: {e}")
+    r["settings"]["checkpoint_step"] = ckpt.get("step")
+    print(table(r))
+    if a.json:
+        try:
+            with open(a.json, "w") as f:
+                json.dump(r, f, indent=2)
+        except OSError as e:
+            sys.exit(f"error: --json {a.json}: {e.strerror}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""Crashes, kills, resumes, bad numbers and hostile input never lose work or end in a traceback."""
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import checkpoint
+import train as train_mod
+from conftest import ROOT
+from data import UserError
+from sample import fill_template, parse_template
+from train import TrainConfig, train
+
+
+def config(corpus_file, tok_file, out, **kw):
+    base = dict(corpus=corpus_file, tokenizer=tok_file, out=str(out), preset="tiny", batch_size=8,
+                max_steps=8, eval_every=1000, seed=3)
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.fixture
+def tok_file(tok, tmp_path):
+    path = tmp_path / "tok.model"
+    path.write_bytes(tok.model_bytes)
+    return str(path)
+
+
+def params(out):
+    return torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["model"]
+
+
+def test_resume_is_exact(corpus_file, tok_file, tmp_path):
+    train(config(corpus_file, tok_file, tmp_path / "a"), quiet=True)
+    train(config(corpus_file, tok_file, tmp_path / "b", stop_at_step=3), quiet=True)
+    assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["step"] == 3
+    train(config(corpus_file, tok_file, tmp_path / "b"), quiet=True)
+    a, b = params(tmp_path / "a"), params(tmp_path / "b")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_grad_accum_matches_one_batch(corpus_file, tok_file, tmp_path):
+    train(config(corpus_file, tok_file, tmp_path / "a", max_steps=3), quiet=True)
+    train(config(corpus_file, tok_file, tmp_path / "b", max_steps=3, grad_accum=4), quiet=True)
+    a, b = params(tmp_path / "a"), params(tmp_path / "b")
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), k
+
+
+def test_keep_last_checkpoints(corpus_file, tok_file, tmp_path):
+    train(config(corpus_file, tok_file, tmp_path, max_steps=8, eval_every=2, keep=2), quiet=True)
+    kept = sorted(f for f in os.listdir(tmp_path) if f.startswith("ckpt-"))
+    assert kept == ["ckpt-00000006.pt", "ckpt-00000008.pt"]
+    assert torch.load(tmp_path / kept[-1], weights_only=True)["step"] == 8
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(corpus_file, tok_file, tmp_path, monkeypatch):
+    real = train_mod.train_step
+
+    def poisoned(diffusion, batch, cfg, step, *rest):
+        parts = real(diffusion, batch, cfg, step, *rest)
+        if step >= 5:
+            parts["loss"] = parts["loss"] * float("nan")
+        return parts
+
+    monkeypatch.setattr(train_mod, "train_step", poisoned)
+    with pytest.raises(UserError, match="at step 6"):
+        train(config(corpus_file, tok_file, tmp_path, max_steps=20, eval_every=4, log_every=2), quiet=True)
+    ckpt = checkpoint.load(str(tmp_path / "ckpt.pt"))
+    assert ckpt["step"] == 4 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_full_disk_is_reported_before_training(corpus_file, tok_file, tmp_path, monkeypatch):
+    monkeypatch.setattr(train_mod.shutil, "disk_usage", lambda path: SimpleNamespace(total=10**9, used=10**9, free=1000))
+    with pytest.raises(UserError, match="MiB free"):
+        train(config(corpus_file, tok_file, tmp_path), quiet=True)
+    assert not os.path.exists(tmp_path / "ckpt.pt")
+
+
+def test_kill_9_never_leaves_a_broken_checkpoint(corpus_file, tok_file, tmp_path):
+    args = [sys.executable, "train.py", "--corpus", corpus_file, "--tokenizer", tok_file, "--out", str(tmp_path),
+            "--preset", "tiny", "--batch-size", "8", "--max-steps", "100000", "--eval-every", "3"]
+    rng = random.Random(0)
+    last = 0
+    for _ in range(5):
+        p = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(2.0, 5.0))
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        if os.path.exists(tmp_path / "ckpt.pt"):
+            step = checkpoint.load(str(tmp_path / "ckpt.pt"))["step"]  # loads: never half written
+            assert step >= last
+            last = step
+    assert last > 0
+    p = subprocess.run(args[:-4] + ["--stop-at-step", str(last + 3), "--max-steps", "100000"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert f"resuming at step {last}" in p.stdout
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+
+
+def test_sigint_saves_and_exits_cleanly(corpus_file, tok_file, tmp_path):
+    args = [sys.executable, "train.py", "--corpus", corpus_file, "--tokenizer", tok_file, "--out", str(tmp_path),
+            "--preset", "tiny", "--batch-size", "8", "--max-steps", "100000", "--eval-every", "100000"]
+    p = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(5)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 0, err
+    assert "Traceback" not in err
+    assert checkpoint.load(str(tmp_path / "ckpt.pt"))["step"] > 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=300))
+def test_fuzz_templates(tok, text):
+    try:
+        ids, cond, gaps = parse_template(text, tok, max_len=64)
+    except UserError as e:
+        assert "\n" not in str(e)
+        return
+    assert len(ids) == len(cond) <= 64 and gaps
+    fill_template(text, tok, ids, gaps)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet=st.characters(), max_size=2000))
+def test_fuzz_tokenizer(tok, text):
+    ids = tok.encode(text)
+    assert all(0 <= i < tok.vocab_size for i in ids)
+    assert isinstance(tok.decode(ids), str)
+
+
+def test_huge_template(tok):
+    with pytest.raises(UserError, match="at most"):
+        parse_template("word " * 100_000 + "[gap]", tok, max_len=64)
+    with pytest.raises(UserError, match="at most"):
+        parse_template("[gap:99999999999999999999999]", tok, max_len=64)
+    with pytest.raises(UserError, match="bad gap"):
+        parse_template("[gap:²]", tok, max_len=64)

@@ -246,10 +246,10 @@ def main(argv=None):
         if a.json and not os.path.isdir(os.path.dirname(os.path.abspath(a.json))):
             raise UserError(f"--json {a.json}: no such folder")
         r = evaluate(diffusion, tok, valid_lines, judge, train_lines, ckpt.get("length_hist"), a.num_lines,
-                             a.num_samples, a.steps, a.sampler, a.seed, a.batch_size)
+                     a.num_samples, a.steps, a.sampler, a.seed, a.batch_size)
     except UserError as e:
         sys.exit(f"error: {e}")
-    r["settings"]["checkpoint_step"] = ckpt.get("step")
+    r["settings"].update(checkpoint_step=ckpt.get("step"), train_file=train_path if train_lines else None)
     print(table(r))
     if a.json:
         try:

@@ -60,9 +60,11 @@ def parse_template(template: str, tok, max_len: int, gap_length: int = 6):
 
 
 def fill_template(template: str, tok, ids, gaps) -> str:
-    """The template with each gap replaced by the decoded tokens the model put there."""
+    """The template with each gap replaced by the decoded tokens the model put there. Each fill is
+    decoded on its own, so it cannot glue onto the words around it; the template's own spacing
+    stays, and the spaces around an empty fill become one."""
     fills = iter([tok.decode(ids[a:b]) for a, b in gaps])
-    return " ".join(GAP.sub(lambda m: f" {next(fills)} ", template).split())
+    return " ".join(GAP.sub(lambda m: next(fills), template).split())
 
 
 def draw_lengths(n, hist, gen, min_len=1):

@@ -1,7 +1,6 @@
 """evaluate.py and judge.py: the metrics on known answers, a judge that learns, the command end to end."""
 import json
 import math
-import os
 import random
 import subprocess
 import sys
@@ -9,6 +8,7 @@ import sys
 import pytest
 import torch
 
+import checkpoint
 import evaluate
 import judge
 from conftest import ROOT, SENTENCES
@@ -130,6 +130,15 @@ def test_judge_file_loads_safely(run_dir, tok):
     assert state["kind"] == "judge" and state["step"] == 5 and state["tokenizer"] == tok.model_bytes
     judge_tok, lm = judge.load_judge(str(run_dir / "judge.pt"))
     assert judge_tok.model_bytes == tok.model_bytes and math.isfinite(perplexity(lm, tok, SENTENCES[:3]))
+
+
+def test_denoising_leaves_the_config_alone(run_dir, tok):
+    _, _, diffusion = checkpoint.build(checkpoint.load(str(run_dir / "out" / "ckpt.pt")))
+    corpus = Corpus(SENTENCES[:5], tok, diffusion.model.cfg.max_len)
+    first = evaluate.denoising(diffusion, corpus, batch_size=2)
+    assert diffusion.cfg.self_cond_rate == 0.5  # self-conditioning was off on a copy only
+    assert first == evaluate.denoising(diffusion, corpus, batch_size=2)  # seeded: the same numbers
+    assert list(first) == ["0.1", "0.3", "0.5", "0.7", "0.9"] and all(0 <= v["acc"] <= 1 for v in first.values())
 
 
 def test_evaluate_end_to_end_twice(run_dir, corpus_file, capsys):

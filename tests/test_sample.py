@@ -42,3 +42,9 @@ def test_fill_keeps_context_words(tok):
         ids[a:b] = glue
     text = fill_template(template, tok, ids, gaps)
     assert text.startswith("the red fox ") and " over the " in text and text.endswith(" dog.")
+    fox = tok.encode("fox")
+    template = f"[gap:{len(fox)}], then [gap:{len(fox)}]."
+    ids, cond, gaps = parse_template(template, tok, max_len=64)
+    for a, b in gaps:
+        ids[a:b] = fox
+    assert fill_template(template, tok, ids, gaps) == "fox, then fox."

@@ -20,10 +20,10 @@ from tokenizer import Tokenizer
 VERSION = 1
 
 
-def save(path: str, keep: int = 1, **state):
+def save(path: str, keep: int | None = None, **state):
     """Write to a temporary file in the same folder, flush it to disk, then rename over `path`:
     a crash at any instant leaves either the old checkpoint or the new one, never half of one.
-    With keep > 1, the newest `keep` checkpoints also stay as ckpt-STEP.pt beside it."""
+    With `keep` (training runs), the newest `keep` checkpoints stay as ckpt-STEP.pt beside it."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".ckpt-", suffix=".tmp")
     try:
@@ -31,7 +31,7 @@ def save(path: str, keep: int = 1, **state):
             torch.save({"version": VERSION, **state}, f)
             f.flush()
             os.fsync(f.fileno())
-        if keep > 1:
+        if keep and keep > 1:
             kept = os.path.join(folder, f"ckpt-{state.get('step', 0):08d}.pt")
             if os.path.exists(kept):
                 os.remove(kept)
@@ -41,6 +41,8 @@ def save(path: str, keep: int = 1, **state):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    if keep is None:
+        return
     history = sorted(f for f in os.listdir(folder) if re.fullmatch(r"ckpt-\d{8}\.pt", f))
     for old in history[: max(0, len(history) - keep)] if keep > 1 else history:
         os.remove(os.path.join(folder, old))

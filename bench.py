@@ -1,0 +1,128 @@
+"""Speed: training and sampling tokens/s, model FLOPs, and this machine's matmul peak.
+
+    python bench.py --preset small --batch-size 64 --length 64
+    python bench.py --preset small --bf16 --json bench.json
+
+Every figure is the median of --repeats timings after --warmup untimed ones. Model FLOPs
+utilisation (MFU) = model FLOPs per token x tokens/s / the matmul peak measured in the same run,
+so figures from noisy or different machines compare as ratios.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+from diffusion import Diffusion, DiffusionConfig
+from model import Estimator, PRESETS, get_preset
+
+
+def median_time(fn, warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def matmul_peak(dtype, n=1024, warmup=3, repeats=10) -> float:
+    """FLOP/s of an n x n matmul in `dtype`: the ceiling the model's matmuls work against."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    return 2 * n ** 3 / median_time(lambda: a @ b, warmup, repeats)
+
+
+def flops_per_token(cfg, L: int) -> dict:
+    """Matmul FLOPs of one forward pass per position, counted layer by layer (2 per multiply-add)."""
+    E, D, V = cfg.embed_dim, cfg.width, cfg.vocab_size
+    block = 2 * D * 3 * D + 2 * 2 * L * D + 2 * D * D + 2 * 2 * D * cfg.mlp_ratio * D  # qkv, attention, out, feed-forward
+    forward = 2 * 3 * E * D + cfg.depth * block + 2 * D * E + 2 * E * V  # input, blocks, x̂0, logits
+    interpolate = 2 * V * E  # softmax(logits) @ embeddings
+    # training: forward + backward (2x forward) + a no-grad self-conditioning pass on half the steps
+    return {"forward": forward, "train": 3 * forward + 0.5 * (forward + interpolate), "sample_step": forward + interpolate}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.error = lambda message: sys.exit(f"error: {message}")  # one line, no usage dump
+    p.add_argument("--preset", default="small", choices=sorted(PRESETS), help="model size")
+    p.add_argument("--vocab-size", type=int, default=4000, help="vocabulary size")
+    p.add_argument("--batch-size", type=int, default=64, help="rows per batch")
+    p.add_argument("--length", type=int, default=64, help="tokens per row (all real: no padding)")
+    p.add_argument("--steps", type=int, default=20, help="sampling steps")
+    p.add_argument("--sample-batch", type=int, default=8, help="rows sampled at once")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (CPU or CUDA)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--warmup", type=int, default=3, help="untimed runs first")
+    p.add_argument("--repeats", type=int, default=7, help="timed runs; the median is reported")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: one per core)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--json", help="also write the results to this file")
+    a = p.parse_args()
+    if min(a.batch_size, a.length, a.steps, a.sample_batch, a.repeats) < 1:
+        p.error("sizes, steps and repeats must be at least 1")
+    torch.set_num_threads(a.threads or os.cpu_count() or 1)
+    torch.manual_seed(0)
+    dev = torch.device(a.device)
+    cfg = get_preset(a.preset)
+    cfg.vocab_size, cfg.max_len = a.vocab_size, max(cfg.max_len, a.length)
+    model = Estimator(cfg).to(dev)
+    diffusion = Diffusion(model, DiffusionConfig())
+    if a.compile:
+        diffusion.net = torch.compile(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    B, L = a.batch_size, a.length
+    ids = torch.randint(4, cfg.vocab_size, (B, L), device=dev)
+    length_mask = torch.ones(B, L, dtype=torch.bool, device=dev)
+    cond_mask = torch.zeros_like(length_mask)
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a.bf16)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    flip = [0]
+
+    def train_step():
+        flip[0] ^= 1  # self-conditioning on every other step, as on half the batches in training
+        with autocast:
+            loss = diffusion.loss(ids, length_mask, cond_mask, self_cond=bool(flip[0]))["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sync()
+
+    def sample():
+        with autocast:
+            diffusion.sample(ids[: a.sample_batch], length_mask[: a.sample_batch], cond_mask[: a.sample_batch], steps=a.steps)
+        sync()
+
+    t_train = median_time(train_step, a.warmup, a.repeats)
+    t_sample = median_time(sample, 1, max(3, a.repeats // 2))
+    if dev.type == "cpu":
+        peak = matmul_peak(torch.bfloat16 if a.bf16 else torch.float32)
+    else:
+        peak = float("nan")  # see the README for the GPU's datasheet peak
+    f = flops_per_token(cfg, L)
+    train_tok_s = B * L / t_train
+    sample_tok_s = a.sample_batch * L / t_sample
+    res = {
+        "preset": a.preset, "device": str(dev), "threads": torch.get_num_threads(), "bf16": a.bf16, "compile": a.compile,
+        "batch_size": B, "length": L, "parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "train_tokens_per_s": train_tok_s, "train_step_ms": 1000 * t_train,
+        "train_flops_per_token": f["train"], "matmul_peak_gflops": peak / 1e9,
+        "train_mfu": f["train"] * train_tok_s / peak,
+        "sample_steps": a.steps, "sample_tokens_per_s": sample_tok_s,
+        "sample_flops_per_token": f["sample_step"] * a.steps, "sample_mfu": f["sample_step"] * a.steps * sample_tok_s / peak,
+    }
+    width = max(map(len, res))
+    for k, v in res.items():
+        print(f"{k:<{width}}  {v:,.3f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump(res, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -212,6 +212,7 @@ def table(r) -> str:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.error = lambda message: sys.exit(f"error: {message}")  # one line, no usage dump
     p.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
     p.add_argument("--valid", required=True, help="held-out text, one example a line, never trained on")
     p.add_argument("--judge", default="", help="judge written by judge.py for this checkpoint: adds perplexities")

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import checkpoint
-from data import Batches, Corpus, UserError, read_lines
+from data import Batches, Corpus, UserError, read_lines, split_valid
 from model import PRESETS, FeedForward, ModelConfig, get_preset
 from tokenizer import BOS, Tokenizer
 from train import TrainConfig, autocast, check_writable, lr_at, pick_device
@@ -181,6 +181,7 @@ def diffusion_tokenizer(ckpt: dict, path: str):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.error = lambda message: sys.exit(f"error: {message}")  # one line, no usage dump
     p.add_argument("--corpus", required=True, help="the diffusion model's training text, one example a line")
     p.add_argument("--ckpt", required=True, help="the diffusion checkpoint: its tokenizer and max length are used")
     p.add_argument("--out", required=True, help="file to write the judge to, e.g. runs/demo/judge.pt")
@@ -205,8 +206,13 @@ def main(argv=None):
     torch.manual_seed(a.seed)
     device = pick_device(a.device)
     try:
-        tok, max_len = diffusion_tokenizer(checkpoint.load(a.ckpt), a.ckpt)
+        ckpt = checkpoint.load(a.ckpt)
+        tok, max_len = diffusion_tokenizer(ckpt, a.ckpt)
         lines = read_lines(a.corpus)
+        run = ckpt.get("train_config", {})
+        if not run.get("valid") and os.path.abspath(run.get("corpus", "")) == os.path.abspath(a.corpus):
+            # train.py held out a share of this corpus: the judge must not learn those lines either
+            lines = split_valid(lines, seed=run.get("seed", 0))[0]
         valid = read_lines(a.valid) if a.valid else None
         check_writable(os.path.dirname(os.path.abspath(a.out)), 0)
         cfg = get_preset(a.preset)

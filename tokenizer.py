@@ -44,6 +44,10 @@ class Tokenizer:
     def encode(self, text: str, sample: bool = False, alpha: float = 0.1) -> list[int]:
         """Text -> ids, without EOS. `sample=True` draws a random segmentation (subword
         regularisation, Kudo 2018): an augmentation for training, never the default."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates, e.g. from undecodable bytes on a command line
+            text = text.encode("utf-8", "replace").decode("utf-8")  # each becomes "?"
         if sample:
             return self.sp.encode(text, enable_sampling=True, alpha=alpha, nbest_size=-1)
         return self.sp.encode(text)

@@ -79,6 +79,9 @@ def config_from(cls, d: dict, what: str):
 
 def build(ckpt: dict, device="cpu"):
     """Tokenizer, model (weights loaded, strict) and Diffusion from a checkpoint alone."""
+    missing = [k for k in ("tokenizer", "model_config", "diffusion_config", "model") if k not in ckpt]
+    if ckpt.get("kind", "diffusion") != "diffusion" or missing:
+        raise UserError(f"not a checkpoint written by train.py ({ckpt.get('kind') or 'missing ' + ', '.join(missing)})")
     try:
         tok = Tokenizer(ckpt["tokenizer"])
     except ValueError as e:

@@ -87,6 +87,8 @@ def test_bad_checkpoints_and_templates(run_dir, tmp_path):
     state = torch.load(ckpt, weights_only=True)
     torch.save({**state, "version": 99}, tmp_path / "v99.pt")
     one_line_error(run("sample.py", "--ckpt", str(tmp_path / "v99.pt"), check=False), "version 99")
+    torch.save({"version": 1, "kind": "judge", "model": {}}, tmp_path / "judge.pt")
+    one_line_error(run("sample.py", "--ckpt", str(tmp_path / "judge.pt"), check=False), "not a checkpoint written by train.py")
     one_line_error(run("sample.py", "--ckpt", ckpt, "--template", "no gap here", check=False), "no gap")
     one_line_error(run("sample.py", "--ckpt", ckpt, "--template", "the [gap:500] dog", check=False), "at most")
     one_line_error(run("sample.py", "--ckpt", ckpt, "--length", "0", check=False), "--length")

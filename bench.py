@@ -1,11 +1,12 @@
 """Speed: training and sampling tokens/s, model FLOPs, and this machine's matmul peak.
 
     python bench.py --preset small --batch-size 64 --length 64
-    python bench.py --preset small --bf16 --json bench.json
+    python bench.py --preset small --precision bf16 --json bench.json
 
 Every figure is the median of --repeats timings after --warmup untimed ones. Model FLOPs
 utilisation (MFU) = model FLOPs per token x tokens/s / the matmul peak measured in the same run,
-so figures from noisy or different machines compare as ratios.
+so figures from noisy or different machines compare as ratios. The peak is the best of many
+timings, taken before and after the model's: MFU errs low, never high.
 """
 import argparse
 import json
@@ -18,6 +19,7 @@ import torch
 
 from diffusion import Diffusion, DiffusionConfig
 from model import Estimator, PRESETS, get_preset
+from train import autocast, use_bf16
 
 
 def median_time(fn, warmup: int, repeats: int) -> float:
@@ -31,10 +33,17 @@ def median_time(fn, warmup: int, repeats: int) -> float:
     return statistics.median(times)
 
 
-def matmul_peak(dtype, n=1024, warmup=3, repeats=10) -> float:
-    """FLOP/s of an n x n matmul in `dtype`: the ceiling the model's matmuls work against."""
+def matmul_peak(dtype, n=1024, repeats=15) -> float:
+    """FLOP/s of the fastest of `repeats` n x n matmuls in `dtype`: the ceiling the model's matmuls
+    work against (a peak, so the best run, not the median)."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    return 2 * n ** 3 / median_time(lambda: a @ b, warmup, repeats)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / min(times)
 
 
 def flops_per_token(cfg, L: int) -> dict:
@@ -56,7 +65,8 @@ def main():
     p.add_argument("--length", type=int, default=64, help="tokens per row (all real: no padding)")
     p.add_argument("--steps", type=int, default=20, help="sampling steps")
     p.add_argument("--sample-batch", type=int, default=8, help="rows sampled at once")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast (CPU or CUDA)")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                   help="bf16 autocast or float32 (auto: as train.py decides on this machine)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--warmup", type=int, default=3, help="untimed runs first")
     p.add_argument("--repeats", type=int, default=7, help="timed runs; the median is reported")
@@ -80,13 +90,15 @@ def main():
     ids = torch.randint(4, cfg.vocab_size, (B, L), device=dev)
     length_mask = torch.ones(B, L, dtype=torch.bool, device=dev)
     cond_mask = torch.zeros_like(length_mask)
-    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a.bf16)
+    bf16 = use_bf16(dev, a.precision)
+    peak_dtype = torch.bfloat16 if bf16 else torch.float32
+    peak = matmul_peak(peak_dtype) if dev.type == "cpu" else float("nan")  # GPU: see the README
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     flip = [0]
 
     def train_step():
         flip[0] ^= 1  # self-conditioning on every other step, as on half the batches in training
-        with autocast:
+        with autocast(dev, bf16):
             loss = diffusion.loss(ids, length_mask, cond_mask, self_cond=bool(flip[0]))["loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -94,21 +106,19 @@ def main():
         sync()
 
     def sample():
-        with autocast:
+        with autocast(dev, bf16):
             diffusion.sample(ids[: a.sample_batch], length_mask[: a.sample_batch], cond_mask[: a.sample_batch], steps=a.steps)
         sync()
 
     t_train = median_time(train_step, a.warmup, a.repeats)
     t_sample = median_time(sample, 1, max(3, a.repeats // 2))
     if dev.type == "cpu":
-        peak = matmul_peak(torch.bfloat16 if a.bf16 else torch.float32)
-    else:
-        peak = float("nan")  # see the README for the GPU's datasheet peak
+        peak = max(peak, matmul_peak(peak_dtype))
     f = flops_per_token(cfg, L)
     train_tok_s = B * L / t_train
     sample_tok_s = a.sample_batch * L / t_sample
     res = {
-        "preset": a.preset, "device": str(dev), "threads": torch.get_num_threads(), "bf16": a.bf16, "compile": a.compile,
+        "preset": a.preset, "device": str(dev), "threads": torch.get_num_threads(), "bf16": bf16, "compile": a.compile,
         "batch_size": B, "length": L, "parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "train_tokens_per_s": train_tok_s, "train_step_ms": 1000 * t_train,
         "train_flops_per_token": f["train"], "matmul_peak_gflops": peak / 1e9,

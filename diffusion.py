@@ -17,7 +17,8 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
+
+from model import row_chunks
 
 
 @dataclass
@@ -28,6 +29,7 @@ class DiffusionConfig:
     ce_weight: float = 1.0        # loss = mse + ce_weight * ce
     sampler: str = "ddim"
     steps: int = 50               # default number of sampling steps
+    spacing: str = "uniform"      # where the sampling steps fall in t: a name in SPACINGS
 
 
 # --- noise schedules: t in [0, 1] -> γ(t), decreasing from 1 to 0 ---------------------------------
@@ -73,6 +75,59 @@ def get_sampler(name):
     return SAMPLERS[name]
 
 
+# --- step spacings: a number of steps -> the times t_0 = 1 > t_1 > ... > t_steps = 0 -------------
+
+def uniform_spacing(steps):
+    """Equal steps in t."""
+    return torch.linspace(1, 0, steps + 1)
+
+
+SPACINGS = {"uniform": uniform_spacing}
+
+
+def get_spacing(name):
+    if name not in SPACINGS:
+        raise ValueError(f"unknown spacing {name!r}; choose from {', '.join(SPACINGS)}")
+    return SPACINGS[name]
+
+
+class TiedCrossEntropy(torch.autograd.Function):
+    """Cross-entropy of the logits x @ w.T against `target`, and their argmax, without ever holding
+    all the (N, V) logits: they are computed a chunk of rows at a time in forward, and recomputed in
+    backward (one more (N, E) x (E, V) matmul, about 2% of a training step's FLOPs). On a CPU the
+    plain way, which stores the logits, their log-softmax and the gradient of each, cost more time
+    than the whole transformer: fresh 64 MB tensors mean page faults on every pass."""
+
+    @staticmethod
+    def forward(ctx, x, w, target):  # x: (N, E); w: (V, E); target: (N,)
+        ce, pred = torch.empty(len(x), device=x.device), torch.empty_like(target)
+        for rows in row_chunks(len(x), len(w)):
+            logits = x[rows] @ w.t()  # (n, V)
+            ce[rows] = logits.logsumexp(-1) - logits.gather(1, target[rows, None])[:, 0]
+            pred[rows] = logits.argmax(-1)
+        ctx.save_for_backward(x, w, target)
+        ctx.mark_non_differentiable(pred)
+        return ce, pred
+
+    @staticmethod
+    def backward(ctx, grad_ce, grad_pred):
+        x, w, target = ctx.saved_tensors
+        grad_x, grad_w = torch.empty_like(x), torch.zeros_like(w)
+        for rows in row_chunks(len(x), len(w)):
+            g = (x[rows] @ w.t()).softmax(-1)  # (n, V); d ce / d logits = softmax - one-hot
+            g[torch.arange(len(g), device=g.device), target[rows]] -= 1
+            g *= grad_ce[rows, None]
+            grad_x[rows] = g @ w
+            grad_w.addmm_(g.t(), x[rows])
+        return grad_x, grad_w, None
+
+
+def tied_cross_entropy(x, w, target):
+    """(N, E) estimates, (V, E) read-out, (N,) targets -> per-row cross-entropy and argmax, in float32."""
+    with torch.autocast(x.device.type, enabled=False):
+        return TiedCrossEntropy.apply(x.float(), w.float(), target)
+
+
 class Diffusion:
     """Wraps an Estimator with the forward process, the loss and the samplers."""
 
@@ -82,7 +137,7 @@ class Diffusion:
         schedule = get_schedule(cfg.schedule)
         # Scaling the noise by s divides the signal-to-noise ratio γ/(1-γ) by s²; the endpoints stay.
         self.gamma = lambda t: (lambda g: g / (g + cfg.noise_scale ** 2 * (1 - g)))(schedule(t))
-        get_sampler(cfg.sampler)  # fail now, not after training
+        get_sampler(cfg.sampler), get_spacing(cfg.spacing)  # fail now, not after training
 
     def inputs(self, ids, cond_mask):
         """Clean embeddings x0 and the context channel x_cond = x0 at context positions, else 0."""
@@ -90,14 +145,16 @@ class Diffusion:
         cond = cond_mask[..., None]  # (B, L, 1)
         return x0, torch.where(cond, x0, torch.zeros_like(x0))
 
-    def loss(self, ids, length_mask, cond_mask, t=None, gen=None, eps=None, self_cond=None, denom=None):
+    def loss(self, ids, length_mask, cond_mask, t=None, gen=None, eps=None, self_cond=None, denom=None,
+             target_index=None):
         """MSE on x̂0 plus cross-entropy on the tied logits, both averaged over the positions to
         generate (inside the length mask, outside the context). Returns a dict of scalars:
         loss (to minimise), mse, ce and acc (token accuracy on those positions).
 
         t (B,), eps (B, L, E) and self_cond (bool) are drawn from `gen` unless given. `denom`
         replaces the local count of positions: with data parallelism, one count for the whole
-        batch makes the averaged gradient that of one big batch."""
+        batch makes the averaged gradient that of one big batch. `target_index`, the flat indices of
+        the positions to generate, is found here if not given (on a GPU, a host-device sync)."""
         B, L = ids.shape
         dev = ids.device
         if t is None:
@@ -118,22 +175,24 @@ class Diffusion:
         if self_cond:
             with torch.no_grad():
                 first, _ = self.net(x_t, x_cond, x_self, t, length_mask)
-                x_self = torch.where(cond, 0.0, self.model.interpolate(self.model.logits(first)).float())
+                x_self = torch.where(cond, 0.0, self.model.interpolate(first)[0])
 
         x0_hat, _ = self.net(x_t, x_cond, x_self, t, length_mask)
-        x0_hat = x0_hat.float()
-        logits = self.model.logits(x0_hat)  # (B, L, V)
-        target = (length_mask & ~cond_mask).float()  # (B, L): positions to generate
-        n = target.sum().clamp(min=1) if denom is None else denom
-        mse = ((x0_hat - x0) ** 2).mean(-1)  # (B, L)
-        ce = F.cross_entropy(logits.flatten(0, 1), ids.flatten(), reduction="none").view(B, L)
-        acc = (logits.argmax(-1) == ids).float()
-        out = {k: (v * target).sum() / n for k, v in (("mse", mse), ("ce", ce), ("acc", acc))}
+        # Only the positions to generate (inside the length, outside the context) enter the loss,
+        # so only they are read out: (N, E) rows, N = their count.
+        if target_index is None:
+            target_index = (length_mask & ~cond_mask).flatten().nonzero()[:, 0]  # (N,)
+        pick = lambda x: x.flatten(0, 1)[target_index]  # noqa: E731  (B, L, ...) -> (N, ...)
+        x0_hat, x0, y = pick(x0_hat).float(), pick(x0), pick(ids)  # (N, E), (N, E), (N,)
+        n = max(1, len(target_index)) if denom is None else denom
+        mse = ((x0_hat - x0) ** 2).mean(-1)  # (N,)
+        ce, pred = tied_cross_entropy(x0_hat, self.model.readout(), y)  # (N,), (N,)
+        out = {"mse": mse.sum() / n, "ce": ce.sum() / n, "acc": (pred == y).float().sum() / n}
         out["loss"] = out["mse"] + self.cfg.ce_weight * out["ce"]
         return out
 
     @torch.no_grad()
-    def sample(self, ids, length_mask, cond_mask, steps=None, sampler=None, gen=None, on_step=None):
+    def sample(self, ids, length_mask, cond_mask, steps=None, sampler=None, gen=None, on_step=None, spacing=None):
         """Generate token ids by denoising from pure noise in `steps` steps.
 
         ids:         (B, L) tokens; only those at context positions are read
@@ -150,17 +209,16 @@ class Diffusion:
         cond = cond_mask[..., None]
         x_t = torch.randn(x0_ctx.shape, generator=gen, device=ids.device)  # x_1 ~ N(0, I)
         x_self = torch.zeros_like(x_t)
-        ts = torch.linspace(1, 0, steps + 1, device=ids.device)
+        ts = get_spacing(spacing or self.cfg.spacing)(steps).to(ids.device)  # (steps + 1,)
         for i in range(steps):
             t, s = ts[i], ts[i + 1]
             x_in = torch.where(cond, x0_ctx, x_t)
             x0_hat, _ = self.model(x_in, x_cond, x_self, t.expand(len(ids)), length_mask)
-            logits = self.model.logits(x0_hat.float())
             # Step with the interpolated estimate: it lies among the token embeddings, where x0 lives.
-            x0_hat = self.model.interpolate(logits).float()
+            x0_hat, best = self.model.interpolate(x0_hat)
             x_self = torch.where(cond, 0.0, x0_hat)
             x_t = step_fn(x_t, x0_hat, self.gamma(t), self.gamma(s), gen)
-            tokens = torch.where(cond_mask, ids, logits.argmax(-1))
+            tokens = torch.where(cond_mask, ids, best)
             tokens = torch.where(length_mask, tokens, 0)
             if on_step is not None:
                 on_step(i, tokens)

@@ -23,7 +23,7 @@ import checkpoint
 from data import Batches, Corpus, UserError, read_lines, split_valid
 from model import PRESETS, FeedForward, ModelConfig, get_preset
 from tokenizer import BOS, Tokenizer
-from train import TrainConfig, autocast, check_writable, lr_at, pick_device
+from train import TrainConfig, autocast, check_writable, lr_at, pick_device, use_bf16
 
 
 class CausalBlock(nn.Module):
@@ -114,6 +114,7 @@ def fit(judge, corpus: Corpus, max_steps=0, max_minutes=0.0, batch_size=64, lr=1
                              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
                             lr=lr, betas=(0.9, 0.99))
     judge.train()
+    bf16 = use_bf16(device, "auto")
     step, start = 0, time.time()
     bar = tqdm(total=max_steps or None, disable=quiet, dynamic_ncols=True, mininterval=1, file=sys.stdout)
     try:
@@ -125,7 +126,7 @@ def fit(judge, corpus: Corpus, max_steps=0, max_minutes=0.0, batch_size=64, lr=1
             for g in opt.param_groups:
                 g["lr"] = lr_at(sched, step, progress)
             ids, mask = batch["ids"].to(device), batch["length_mask"].to(device)
-            with autocast(device):
+            with autocast(device, bf16):
                 loss = token_nll(judge, ids, mask).sum() / mask.sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -17,6 +17,7 @@ from rotary_embedding_torch import RotaryEmbedding
 
 @dataclass
 class ModelConfig:
+    backbone: str = "estimator"  # a name in BACKBONES: the denoiser network
     vocab_size: int = 4000
     max_len: int = 64       # longest text the model sees, EOS included
     embed_dim: int = 64     # token embedding width E: the space the diffusion runs in
@@ -67,6 +68,13 @@ def get_preset(name: str) -> ModelConfig:
     return PRESETS[name]()
 
 
+def row_chunks(n: int, vocab_size: int, floats: int = 1 << 20):
+    """Slices of n rows, each small enough that its (rows, vocab_size) logits hold about
+    `floats` numbers (4 MB): they stay in cache and need no fresh memory from the system."""
+    step = max(1, floats // vocab_size)
+    return [slice(i, min(n, i + step)) for i in range(0, n, step)]
+
+
 class TimeEmbedding(nn.Module):
     """t in [0, 1] -> sinusoidal features -> MLP, as in DDPM (Ho et al. 2020)."""
 
@@ -95,9 +103,9 @@ class Attention(nn.Module):
 
     def forward(self, x, attn_mask):  # x: (B, L, D); attn_mask: (B, 1, 1, L), True = may attend
         B, L, D = x.shape
-        q, k, v = self.qkv(x).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, L, Dh)
-        q, k = self.rotary.rotate_queries_or_keys(q), self.rotary.rotate_queries_or_keys(k)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, H, L, Dh)
+        qkv = self.qkv(x).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # (3, B, H, L, Dh)
+        q, k = self.rotary.rotate_queries_or_keys(qkv[:2])  # queries and keys in one call
+        y = F.scaled_dot_product_attention(q, k, qkv[2], attn_mask=attn_mask)  # (B, H, L, Dh)
         return self.out(y.transpose(1, 2).reshape(B, L, D))
 
 
@@ -171,13 +179,28 @@ class Estimator(nn.Module):
         grow its norm to escape the noise (a trivial way to lower the loss)."""
         return F.normalize(self.embedding.weight, dim=-1) * math.sqrt(self.cfg.embed_dim)
 
-    def logits(self, x0_hat):  # (B, L, E) -> (B, L, V)
-        return x0_hat @ self.embeddings().t() * self.log_logit_scale.exp()
+    def readout(self):
+        """The (V, E) matrix of the tied logits, logits = x̂0 @ readout().T: the normalised
+        embeddings times the learnt scale. Scaling this small table, not the (B, L, V) logits,
+        saves a pass over the largest tensor of the model."""
+        return self.embeddings() * self.log_logit_scale.exp()
 
-    def interpolate(self, logits):
-        """softmax(logits) @ embeddings: the expected embedding under the model's token
-        distribution (CDCD's score interpolation, Dieleman et al. 2022)."""
-        return logits.softmax(-1).to(self.embedding.weight.dtype) @ self.embeddings()
+    def logits(self, x0_hat):  # (..., E) -> (..., V)
+        return x0_hat @ self.readout().t()
+
+    @torch.no_grad()
+    def interpolate(self, x0_hat):
+        """(..., E) -> (softmax(logits) @ embeddings, argmax of the logits): the expected embedding
+        under the model's token distribution (CDCD's score interpolation, Dieleman et al. 2022) and
+        the most likely token. Computed a few hundred rows at a time, so the (rows, V) logits stay
+        small: on a CPU, allocating the whole (B, L, V) tensor costs more than the matmul."""
+        x = x0_hat.reshape(-1, x0_hat.shape[-1]).float()  # (N, E)
+        w, emb = self.readout().float(), self.embeddings().float()  # (V, E)
+        out, tokens = torch.empty_like(x), torch.empty(len(x), dtype=torch.long, device=x.device)
+        for rows in row_chunks(len(x), len(w)):
+            logits = x[rows] @ w.t()  # (n, V)
+            out[rows], tokens[rows] = logits.softmax(-1) @ emb, logits.argmax(-1)
+        return out.view(x0_hat.shape), tokens.view(x0_hat.shape[:-1])
 
     def forward(self, x_t, x_cond, x_self, t, length_mask):
         """x_t, x_cond, x_self: (B, L, E); t: (B,) in [0, 1]; length_mask: (B, L) bool.

@@ -33,7 +33,11 @@ def test_shapes():
     assert x0_hat.shape == (B, L, E) and h.shape == (B, L, D)
     logits = m.logits(x0_hat)
     assert logits.shape == (B, L, 50)
-    assert m.interpolate(logits).shape == (B, L, E)
+    x_interp, tokens = m.interpolate(x0_hat)
+    assert x_interp.shape == (B, L, E) and tokens.shape == (B, L)
+    # chunked, it is the same as the one-shot formula
+    assert torch.allclose(x_interp, logits.softmax(-1) @ m.embeddings(), atol=1e-5)
+    assert torch.equal(tokens, logits.argmax(-1))
 
 
 def test_embeddings_are_normalised():

@@ -18,7 +18,7 @@ import time
 import torch
 
 from diffusion import Diffusion, DiffusionConfig
-from model import Estimator, PRESETS, get_preset
+from model import PRESETS, build_model, get_preset
 from train import autocast, use_bf16
 
 
@@ -33,15 +33,19 @@ def median_time(fn, warmup: int, repeats: int) -> float:
     return statistics.median(times)
 
 
-def matmul_peak(dtype, n=1024, repeats=15) -> float:
+def matmul_peak(dtype, device, repeats=15) -> float:
     """FLOP/s of the fastest of `repeats` n x n matmuls in `dtype`: the ceiling the model's matmuls
-    work against (a peak, so the best run, not the median)."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    work against (a peak, so the best run, not the median). n is 1024 on a CPU, 8192 on a GPU."""
+    n = 8192 if device.type == "cuda" else 1024
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     a @ b
     times = []
     for _ in range(repeats):
+        sync()
         t0 = time.perf_counter()
         a @ b
+        sync()
         times.append(time.perf_counter() - t0)
     return 2 * n ** 3 / min(times)
 
@@ -81,7 +85,7 @@ def main():
     dev = torch.device(a.device)
     cfg = get_preset(a.preset)
     cfg.vocab_size, cfg.max_len = a.vocab_size, max(cfg.max_len, a.length)
-    model = Estimator(cfg).to(dev)
+    model = build_model(cfg).to(dev)
     diffusion = Diffusion(model, DiffusionConfig())
     if a.compile:
         diffusion.net = torch.compile(model)
@@ -92,7 +96,7 @@ def main():
     cond_mask = torch.zeros_like(length_mask)
     bf16 = use_bf16(dev, a.precision)
     peak_dtype = torch.bfloat16 if bf16 else torch.float32
-    peak = matmul_peak(peak_dtype) if dev.type == "cpu" else float("nan")  # GPU: see the README
+    peak = matmul_peak(peak_dtype, dev)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     flip = [0]
 
@@ -112,8 +116,7 @@ def main():
 
     t_train = median_time(train_step, a.warmup, a.repeats)
     t_sample = median_time(sample, 1, max(3, a.repeats // 2))
-    if dev.type == "cpu":
-        peak = max(peak, matmul_peak(peak_dtype))
+    peak = max(peak, matmul_peak(peak_dtype, dev))
     f = flops_per_token(cfg, L)
     train_tok_s = B * L / t_train
     sample_tok_s = a.sample_batch * L / t_sample

@@ -14,7 +14,7 @@ import torch
 
 from data import UserError
 from diffusion import Diffusion, DiffusionConfig
-from model import Estimator, ModelConfig
+from model import ModelConfig, build_model
 from tokenizer import Tokenizer
 
 VERSION = 1
@@ -91,7 +91,7 @@ def build(ckpt: dict, device="cpu"):
     if mcfg.vocab_size != tok.vocab_size:
         raise UserError(f"checkpoint's model has {mcfg.vocab_size} tokens but its tokenizer {tok.vocab_size}")
     try:
-        model = Estimator(mcfg)
+        model = build_model(mcfg)
     except ValueError as e:
         raise UserError(f"checkpoint's model config: {e}") from None
     load_state(model, ckpt["model"])
@@ -106,8 +106,8 @@ def load_state(model, state: dict):
     shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
               for k in own if k in state and state[k].shape != own[k].shape]
     if missing or unknown or shapes:
-        raise UserError(f"checkpoint weights do not fit the model: missing {missing[:5]}, "
-                        f"unknown {unknown[:5]}, shapes differ {shapes[:5]}")
+        raise UserError(f"checkpoint weights do not fit the model: missing {missing}, "
+                        f"unknown {unknown}, shapes differ {shapes}")
     model.load_state_dict(state)
 
 

@@ -3,7 +3,7 @@
 A batch is a dict of three (B, L) tensors:
     ids          token ids; each text is followed by EOS, then PAD up to the batch's longest row
     length_mask  True on the text and its EOS; False on padding. Attention and the loss ignore padding.
-    cond_mask    True where a token is given as context (fed clean, not in the loss); see `infill_mask`.
+    cond_mask    True where a token is given as context (fed clean, not in the loss); see `infill_masks`.
 
 Rows of similar length are batched together, so little compute is spent on padding.
 """
@@ -66,8 +66,12 @@ class Corpus:
             if len(ids) > max_len - 1:
                 ids, self.cropped = ids[: max_len - 1], self.cropped + 1
             self.ids.append(ids + [EOS])
-        self.lengths = torch.tensor([len(x) for x in self.ids])
+        self.lengths = torch.tensor([len(x) for x in self.ids])  # (N,)
         self.max_len = max_len
+        # every line padded once, so that a batch is one indexing operation
+        self.table = torch.full((len(self.ids), max(map(len, self.ids), default=1)), PAD, dtype=torch.long)  # (N, longest)
+        for i, ids in enumerate(self.ids):
+            self.table[i, : len(ids)] = torch.tensor(ids)
 
     def __len__(self):
         return len(self.ids)
@@ -76,50 +80,61 @@ class Corpus:
         """hist[n] = number of lines with n tokens (EOS included): the sampler draws lengths from it."""
         return torch.bincount(self.lengths, minlength=self.max_len + 1).tolist()
 
-    def batch(self, indices, gen: torch.Generator | None = None, mask_mode: str = "mixture") -> dict:
-        rows = [self.ids[i] for i in indices]
-        B, L = len(rows), max(len(r) for r in rows)
-        ids = torch.full((B, L), PAD, dtype=torch.long)
-        for b, r in enumerate(rows):
-            ids[b, : len(r)] = torch.tensor(r)
-        length_mask = ids != PAD
-        lengths = length_mask.sum(1)
+    def batch(self, indices, gen: torch.Generator | None = None, mask_mode: str = "mixture", mixture=None) -> dict:
+        """Rows `indices`, padded to the longest of them, with context masks drawn from `mixture`
+        (mask_mode "mixture") or no context at all (mask_mode "none")."""
+        indices = torch.as_tensor(indices)
+        lengths = self.lengths[indices]  # (B,)
+        L = int(lengths.max())
+        ids = self.table[indices, :L]  # (B, L)
+        length_mask = torch.arange(L)[None] < lengths[:, None]  # (B, L)
         if mask_mode == "none":
             cond_mask = torch.zeros_like(length_mask)
         else:
-            cond_mask = torch.stack([infill_mask(int(n), L, gen) for n in lengths])
+            cond_mask = infill_masks(lengths, L, gen, mixture)
         return {"ids": ids, "length_mask": length_mask, "cond_mask": cond_mask}
 
 
-# The infilling mixture: what share of training rows get which kind of context.
+# The infilling mixture: what share of training rows get which kind of context. The rows with no
+# context also make the network an unconditional one, which classifier-free guidance needs.
 MASK_MIXTURE = {"none": 0.3, "prefix": 0.2, "spans": 0.3, "scattered": 0.2}
 
 
-def infill_mask(n: int, L: int, gen: torch.Generator | None = None) -> torch.Tensor:
-    """A (L,) bool context mask for a text of n tokens (EOS included), drawn from MASK_MIXTURE:
+def mask_mixture(uncond_rate: float = MASK_MIXTURE["none"]) -> dict:
+    """MASK_MIXTURE with `uncond_rate` of the rows given no context; the other kinds share the rest
+    in their proportions."""
+    if not 0 <= uncond_rate <= 1:
+        raise ValueError(f"uncond_rate {uncond_rate} must be between 0 and 1")
+    rest = 1 - MASK_MIXTURE["none"]
+    return {k: uncond_rate if k == "none" else v * (1 - uncond_rate) / rest for k, v in MASK_MIXTURE.items()}
+
+
+def infill_masks(lengths: torch.Tensor, L: int, gen: torch.Generator | None = None, mixture: dict | None = None):
+    """(B, L) bool context masks for texts of `lengths` (B,) tokens (EOS included); each row's kind
+    is drawn from `mixture` (default MASK_MIXTURE):
         none       no context: unconditional generation
         prefix     the first 1..n-1 tokens are given: continuation
         spans      1 to 3 contiguous spans, 10-90% of the text in all, are hidden: gap infilling
         scattered  each token is hidden with a probability drawn from 10-90%
-    Positions past n are never context."""
-    u = lambda: torch.rand((), generator=gen).item()  # noqa: E731
-    mask = torch.zeros(L, dtype=torch.bool)
-    kinds, probs = zip(*MASK_MIXTURE.items())
-    kind = kinds[torch.multinomial(torch.tensor(probs), 1, generator=gen).item()]
-    if n < 2 or kind == "none":
-        return mask
-    if kind == "prefix":
-        mask[: 1 + int(u() * (n - 1))] = True
-    elif kind == "spans":
-        mask[:n] = True
-        k = 1 + int(u() * 3)
-        span = max(1, round((0.1 + 0.8 * u()) * n / k))
-        for _ in range(k):
-            start = int(u() * (n - span + 1))
-            mask[start: start + span] = False
-    else:
-        mask[:n] = torch.rand(n, generator=gen) > 0.1 + 0.8 * u()
-    return mask
+    Positions past a row's length are never context; a text of one token gets none."""
+    mixture = mixture or MASK_MIXTURE
+    B = len(lengths)
+    n = lengths[:, None]  # (B, 1)
+    pos = torch.arange(L)[None]  # (1, L)
+    inside = pos < n  # (B, L)
+    kind = torch.multinomial(torch.tensor(list(mixture.values()), dtype=torch.float), B, replacement=True, generator=gen)  # (B,)
+    u = torch.rand(B, 7, generator=gen)  # the uniform draws of each row
+    k = 1 + (u[:, 0] * 3).long()  # (B,) number of spans
+    span = ((0.1 + 0.8 * u[:, 1]) * lengths / k).round().clamp(min=1).long()  # (B,) tokens a span
+    starts = (u[:, 2:5] * (n - span[:, None] + 1)).long()  # (B, 3); spans past the k-th are unused
+    in_span = (pos[..., None] >= starts[:, None]) & (pos[..., None] < (starts + span[:, None])[:, None])  # (B, L, 3)
+    hidden = (in_span & (torch.arange(3) < k[:, None])[:, None]).any(-1)  # (B, L)
+    masks = {"none": torch.zeros_like(inside),
+             "prefix": pos < 1 + (u[:, 5:6] * (n - 1)).long(),
+             "spans": inside & ~hidden,
+             "scattered": inside & (torch.rand(B, L, generator=gen) > 0.1 + 0.8 * u[:, 6:7])}
+    chosen = torch.stack([masks[name] for name in mixture])[kind, torch.arange(B)]  # (B, L)
+    return chosen & inside & (n >= 2)
 
 
 class Batches:
@@ -129,8 +144,8 @@ class Batches:
     them into batches and shuffles the batch order. `state()` / `load_state()` give the position,
     so a resumed run sees exactly the batches the uninterrupted run would have seen."""
 
-    def __init__(self, corpus: Corpus, batch_size: int, seed: int = 0, pool: int = 50):
-        self.corpus, self.batch_size, self.seed, self.pool = corpus, batch_size, seed, pool
+    def __init__(self, corpus: Corpus, batch_size: int, seed: int = 0, pool: int = 50, mixture: dict | None = None):
+        self.corpus, self.batch_size, self.seed, self.pool, self.mixture = corpus, batch_size, seed, pool, mixture
         self.epoch, self.pos = 0, 0
         self._order = None
 
@@ -156,7 +171,7 @@ class Batches:
             # the infilling masks of a batch depend only on (seed, epoch, position): exact resume
             g = torch.Generator().manual_seed(self.seed * 7919 + self.epoch * 1_000_003 + self.pos)
             self.pos += 1
-            yield self.corpus.batch(indices, g)
+            yield self.corpus.batch(indices, g, mixture=self.mixture)
 
     def state(self) -> dict:
         return {"epoch": self.epoch, "pos": self.pos}

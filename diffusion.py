@@ -7,7 +7,7 @@ Notation (code -> paper):
     eps       ε        standard Gaussian noise
     t         t        diffusion time in [0, 1]: 0 is clean, 1 is pure noise
     gamma     γ(t)     signal share ᾱ_t of DDPM; γ(0) = 1, γ(1) = 0
-    x0_hat    x̂0       the Estimator's prediction of x0
+    x0_hat    x̂0       the denoiser's prediction of x0 (model.py)
     x_self    x̃0       self-conditioning input: the previous estimate, interpolated (0 if none)
     x_cond    c        clean embeddings at context positions, 0 elsewhere
     cond_mask          True at context positions: fed clean, kept fixed, never in the loss
@@ -39,7 +39,18 @@ def gamma_cosine(t):
     return torch.cos(t * math.pi / 2).pow(2).clamp(0.0, 1.0)
 
 
-SCHEDULES = {"cosine": gamma_cosine}
+def gamma_linear(t):
+    """The signal share falls linearly: γ(t) = 1 - t. Noisier than cosine early, cleaner late."""
+    return (1 - t).clamp(0.0, 1.0)
+
+
+def gamma_sqrt(t, s=1e-4):
+    """Diffusion-LM's sqrt schedule (Li et al. 2022, appendix A): γ(t) = 1 - √(t + s). The noise
+    rises fast at first, so even small t hides a token; s keeps γ(0) just below 1 (0.99)."""
+    return (1 - (t + s).sqrt()).clamp(0.0, 1.0)
+
+
+SCHEDULES = {"cosine": gamma_cosine, "linear": gamma_linear, "sqrt": gamma_sqrt}
 
 
 def get_schedule(name):
@@ -82,7 +93,18 @@ def uniform_spacing(steps):
     return torch.linspace(1, 0, steps + 1)
 
 
-SPACINGS = {"uniform": uniform_spacing}
+def quadratic_spacing(steps):
+    """t_i = 1 - (i / steps)²: short steps at high noise, where the tokens are decided, and long ones
+    near t = 0, where the estimate no longer changes."""
+    return 1 - torch.linspace(0, 1, steps + 1) ** 2
+
+
+def sqrt_spacing(steps):
+    """t_i = 1 - √(i / steps): the opposite, short steps near t = 0."""
+    return 1 - torch.linspace(0, 1, steps + 1).sqrt()
+
+
+SPACINGS = {"uniform": uniform_spacing, "quadratic": quadratic_spacing, "sqrt": sqrt_spacing}
 
 
 def get_spacing(name):
@@ -129,7 +151,7 @@ def tied_cross_entropy(x, w, target):
 
 
 class Diffusion:
-    """Wraps an Estimator with the forward process, the loss and the samplers."""
+    """Wraps a denoiser (model.Denoiser) with the forward process, the loss and the samplers."""
 
     def __init__(self, model, cfg: DiffusionConfig):
         self.model, self.cfg = model, cfg
@@ -174,10 +196,10 @@ class Diffusion:
         # gradient gives an estimate that the second pass sees as input, as it will when sampling.
         if self_cond:
             with torch.no_grad():
-                first, _ = self.net(x_t, x_cond, x_self, t, length_mask)
+                first = self.net(x_t, x_cond, x_self, t, length_mask)
                 x_self = torch.where(cond, 0.0, self.model.interpolate(first)[0])
 
-        x0_hat, _ = self.net(x_t, x_cond, x_self, t, length_mask)
+        x0_hat = self.net(x_t, x_cond, x_self, t, length_mask)
         # Only the positions to generate (inside the length, outside the context) enter the loss,
         # so only they are read out: (N, E) rows, N = their count.
         if target_index is None:
@@ -192,12 +214,17 @@ class Diffusion:
         return out
 
     @torch.no_grad()
-    def sample(self, ids, length_mask, cond_mask, steps=None, sampler=None, gen=None, on_step=None, spacing=None):
+    def sample(self, ids, length_mask, cond_mask, steps=None, sampler=None, gen=None, on_step=None, spacing=None,
+               guidance=1.0):
         """Generate token ids by denoising from pure noise in `steps` steps.
 
         ids:         (B, L) tokens; only those at context positions are read
         length_mask: (B, L) True on the positions to produce (the text and its EOS)
         cond_mask:   (B, L) True where ids are given; they stay fixed at every step
+        sampler, spacing: names in SAMPLERS and SPACINGS (default: the config's)
+        guidance:    classifier-free guidance weight W: x̂0 = x̂0_uncond + W (x̂0_cond - x̂0_uncond).
+                     1 is the plain conditional model, 0 ignores the context, above 1 follows it
+                     harder. W != 1 costs a second network evaluation a step.
         on_step:     optional callback(step, ids) with the tokens decoded at each step
         Returns (B, L) ids: the given tokens at context positions, the model's elsewhere, PAD
         outside the length mask."""
@@ -205,6 +232,7 @@ class Diffusion:
         step_fn = get_sampler(sampler or self.cfg.sampler)
         if steps < 1:
             raise ValueError("steps must be at least 1")
+        guided = guidance != 1.0 and bool(cond_mask.any())
         x0_ctx, x_cond = self.inputs(ids, cond_mask)
         cond = cond_mask[..., None]
         x_t = torch.randn(x0_ctx.shape, generator=gen, device=ids.device)  # x_1 ~ N(0, I)
@@ -213,7 +241,16 @@ class Diffusion:
         for i in range(steps):
             t, s = ts[i], ts[i + 1]
             x_in = torch.where(cond, x0_ctx, x_t)
-            x0_hat, _ = self.model(x_in, x_cond, x_self, t.expand(len(ids)), length_mask)
+            if guided:
+                # Classifier-free guidance (Ho & Salimans 2022): the same network with the context
+                # and without it (it learnt both: training drops all context from some rows), in
+                # one batch of 2B rows. The unconditional half sees noise at context positions too.
+                both = self.model(torch.cat([x_in, x_t]), torch.cat([x_cond, torch.zeros_like(x_cond)]),
+                                  x_self.repeat(2, 1, 1), t.expand(2 * len(ids)), length_mask.repeat(2, 1))
+                x0_cond, x0_uncond = both.float().chunk(2)  # 2 x (B, L, E)
+                x0_hat = x0_uncond + guidance * (x0_cond - x0_uncond)
+            else:
+                x0_hat = self.model(x_in, x_cond, x_self, t.expand(len(ids)), length_mask)
             # Step with the interpolated estimate: it lies among the token embeddings, where x0 lives.
             x0_hat, best = self.model.interpolate(x0_hat)
             x_self = torch.where(cond, 0.0, x0_hat)

@@ -24,7 +24,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 import checkpoint
 from data import Corpus, UserError, read_lines
-from diffusion import Diffusion, get_sampler
+from diffusion import SAMPLERS, SPACINGS, Diffusion, get_sampler, get_spacing
 from judge import diffusion_tokenizer, load_judge, perplexity
 from sample import generate
 from tokenizer import BOS, EOS, PAD
@@ -123,7 +123,7 @@ def denoising(diffusion, corpus, times=TIMES, seed=0, batch_size=64) -> dict:
 
 
 @torch.no_grad()
-def infilling(diffusion, corpus, kind, steps, sampler, seed=0, batch_size=64) -> dict:
+def infilling(diffusion, corpus, kind, steps, sampler, seed=0, batch_size=64, spacing=None, guidance=1.0) -> dict:
     """Hide tokens of each line as `kind` says, fill them with Diffusion.sample, score the fills."""
     device = next(diffusion.model.parameters()).device
     mask_gen = torch.Generator().manual_seed(seed)
@@ -138,13 +138,13 @@ def infilling(diffusion, corpus, kind, steps, sampler, seed=0, batch_size=64) ->
         ids = torch.where(h, PAD, b["ids"])  # the hidden tokens never reach the sampler
         gen = torch.Generator(device=device).manual_seed(seed * 1000 + i)
         out = diffusion.sample(ids.to(device), b["length_mask"].to(device), (b["length_mask"] & ~h).to(device),
-                               steps=steps, sampler=sampler, gen=gen)
+                               steps=steps, sampler=sampler, gen=gen, spacing=spacing, guidance=guidance)
         pred[idx, : out.shape[1]] = out.cpu()
     acc, exact = fill_accuracy(pred, target, hidden)
     return {"acc": acc, "exact": exact, "hidden_share": hidden.sum().item() / (corpus.lengths - 1).sum().item()}
 
 
-def unconditional(diffusion, tok, num_samples, steps, sampler, seed, length_hist, batch_size):
+def unconditional(diffusion, tok, num_samples, steps, sampler, seed, length_hist, batch_size, spacing=None):
     """K samples from sample.generate: (texts, their tokens as the model wrote them, seconds)."""
     final = []
 
@@ -154,7 +154,7 @@ def unconditional(diffusion, tok, num_samples, steps, sampler, seed, length_hist
 
     start = time.perf_counter()
     texts = generate(diffusion, tok, num_samples=num_samples, steps=steps, sampler=sampler, seed=seed,
-                     lengths_from=length_hist, batch_size=batch_size, on_step=keep_last)
+                     lengths_from=length_hist, batch_size=batch_size, on_step=keep_last, spacing=spacing)
     return texts, final, time.perf_counter() - start
 
 
@@ -168,7 +168,7 @@ def text_stats(texts, tokens, judge, tok, train_set) -> dict:
 
 
 def evaluate(diffusion, tok, valid_lines, judge=None, train_lines=None, length_hist=None, num_lines=200,
-             num_samples=200, steps=50, sampler="ddim", seed=0, batch_size=64) -> dict:
+             num_samples=200, steps=50, sampler="ddim", seed=0, batch_size=64, spacing="uniform", guidance=1.0) -> dict:
     """All sections as a dict of plain values (the JSON)."""
     max_len = diffusion.model.cfg.max_len
     pick = torch.randperm(len(valid_lines), generator=torch.Generator().manual_seed(seed))[:num_lines]
@@ -179,10 +179,13 @@ def evaluate(diffusion, tok, valid_lines, judge=None, train_lines=None, length_h
     if train_lines:
         train_set = {" ".join(tok.decode(ids).split()) for ids in Corpus(train_lines, tok, max_len).ids}
     r = {"settings": {"num_lines": len(lines), "num_samples": num_samples, "steps": steps, "sampler": sampler,
-                      "seed": seed, "judge": judge is not None, "train": train_set is not None}}
+                      "spacing": spacing, "guidance": guidance, "seed": seed, "judge": judge is not None,
+                      "train": train_set is not None}}
     r["denoising"] = denoising(diffusion, corpus, TIMES, seed, batch_size)
-    r["infilling"] = {kind: infilling(diffusion, corpus, kind, steps, sampler, seed, batch_size) for kind in HIDE}
-    texts, tokens, seconds = unconditional(diffusion, tok, num_samples, steps, sampler, seed, length_hist, batch_size)
+    r["infilling"] = {kind: infilling(diffusion, corpus, kind, steps, sampler, seed, batch_size, spacing, guidance)
+                      for kind in HIDE}
+    texts, tokens, seconds = unconditional(diffusion, tok, num_samples, steps, sampler, seed, length_hist, batch_size,
+                                           spacing)
     r["samples"] = text_stats(texts, tokens, judge, tok, train_set)
     r["held_out"] = text_stats([tok.decode(ids) for ids in corpus.ids], [text_tokens(ids) for ids in corpus.ids],
                                judge, tok, train_set)
@@ -197,10 +200,12 @@ def table(r) -> str:
     out = [f"denoising: {s['num_lines']} held-out lines, no context, self-conditioning off",
            "  t" + " " * 30 + "".join(f"{t:>8}" for t in r["denoising"])]
     out += [f"  {k:<31}" + "".join(f"{v[k]:>8.3f}" for v in r["denoising"].values()) for k in ("mse", "ce", "acc")]
-    out += [f"infilling: {s['steps']} {s['sampler']} steps", row("", "token acc", "exact lines")]
+    out += [f"infilling: {s['steps']} {s['sampler']} steps, {s['spacing']} spacing, guidance {s['guidance']:g}",
+            row("", "token acc", "exact lines")]
     for kind, label in (("span", "one span, 25-50% hidden"), ("scattered", "scattered, 15% hidden")):
         out.append(row(label, *(f"{r['infilling'][kind][k]:.3f}" for k in ("acc", "exact"))))
-    out += [f"samples: {s['num_samples']} unconditional, beside the held-out lines", row("", "samples", "held-out")]
+    out += [f"samples: {s['num_samples']} unconditional ({s['steps']} {s['sampler']} steps, {s['spacing']} spacing), "
+            "beside the held-out lines", row("", "samples", "held-out")]
     for key, label, spec in (("judge_ppl", "judge perplexity", ".2f"), ("entropy", "unigram entropy (nats)", ".3f"),
                              ("distinct_2", "distinct-2", ".3f"), ("copied", "copied from training", ".3f"),
                              ("length_mean", "length mean (tokens)", ".2f"), ("length_std", "length std", ".2f")):
@@ -220,7 +225,9 @@ def main(argv=None):
     p.add_argument("--num-lines", type=int, default=200, help="held-out lines to use (a fixed-seed choice)")
     p.add_argument("--num-samples", type=int, default=200, help="unconditional samples")
     p.add_argument("--steps", type=int, default=50, help="denoising steps for infilling and samples")
-    p.add_argument("--sampler", default="ddim", help="ddim (deterministic) or ddpm (ancestral)")
+    p.add_argument("--sampler", default="ddim", help=f"update rule, one of {', '.join(SAMPLERS)}")
+    p.add_argument("--spacing", default="uniform", help=f"where the steps fall in t, one of {', '.join(SPACINGS)}")
+    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance weight for infilling (1: none)")
     p.add_argument("--seed", type=int, default=0, help="seed of every draw: the same seed gives the same numbers")
     p.add_argument("--batch-size", type=int, default=64, help="lines or samples a batch")
     p.add_argument("--json", default="", help="also write the results to this file")
@@ -231,7 +238,7 @@ def main(argv=None):
         p.error("--num-lines, --num-samples, --steps and --batch-size must be at least 1; --threads not negative")
     torch.set_num_threads(a.threads or os.cpu_count() or 1)
     try:
-        get_sampler(a.sampler)
+        get_sampler(a.sampler), get_spacing(a.spacing)
     except ValueError as e:
         sys.exit(f"error: {e}")
     try:
@@ -247,7 +254,7 @@ def main(argv=None):
         if a.json and not os.path.isdir(os.path.dirname(os.path.abspath(a.json))):
             raise UserError(f"--json {a.json}: no such folder")
         r = evaluate(diffusion, tok, valid_lines, judge, train_lines, ckpt.get("length_hist"), a.num_lines,
-                     a.num_samples, a.steps, a.sampler, a.seed, a.batch_size)
+                     a.num_samples, a.steps, a.sampler, a.seed, a.batch_size, a.spacing, a.guidance)
     except UserError as e:
         sys.exit(f"error: {e}")
     r["settings"].update(checkpoint_step=ckpt.get("step"), train_file=train_path if train_lines else None)

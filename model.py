@@ -131,47 +131,32 @@ class Block(nn.Module):
         return x
 
 
-class Estimator(nn.Module):
+class Denoiser(nn.Module):
+    """What every backbone is: the token space (embeddings, tied logits, interpolation) plus a network.
+
+    A backbone subclasses this and implements
+        forward(x_t, x_cond, x_self, t, length_mask) -> x0_hat
+    x_t     (B, L, E)  noisy embeddings; at context positions the clean ones
+    x_cond  (B, L, E)  clean embeddings at context positions, 0 elsewhere
+    x_self  (B, L, E)  the previous estimate of x0 (self-conditioning), 0 on a first pass
+    t       (B,)       diffusion time in [0, 1]; 1 is pure noise
+    length_mask (B, L) bool, True on the text and its EOS; the network must ignore other positions
+    x0_hat  (B, L, E)  the estimate of the clean embeddings x0, any dtype (the loss casts to float32)
+    and registers itself with @register_backbone("name"). Its constructor takes the ModelConfig alone,
+    so that a checkpoint rebuilds it. Diffusion, training, sampling and evaluation need nothing else.
+    """
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
-        E, D = cfg.embed_dim, cfg.width
-        self.embedding = nn.Embedding(cfg.vocab_size, E)
-        self.time = TimeEmbedding(cfg.time_dim)
-        # FiLM for every LayerNorm (2 a block, 1 final), computed in one matmul: (scale, shift) pairs
-        self.film = nn.Linear(cfg.time_dim, (2 * cfg.depth + 1) * 2 * D)
-        self.rotary = RotaryEmbedding(dim=D // cfg.heads, cache_max_seq_len=cfg.max_len)
-        self.inp = nn.Linear(3 * E, D)
-        # Rotary attention knows relative offsets only. Position from the start and from the end
-        # tell each position where it stands, which gap positions (all alike at t = 1) need from the
-        # first step: without them the model learned to use its context many times more slowly.
-        self.pos_start = nn.Embedding(cfg.max_len, D)
-        self.pos_end = nn.Embedding(cfg.max_len, D)
-        self.blocks = nn.ModuleList(Block(cfg, self.rotary) for _ in range(cfg.depth))
-        self.out = nn.Linear(D, E)
+        self.embedding = nn.Embedding(cfg.vocab_size, cfg.embed_dim)  # N(0, 1): only the direction counts
         # Logits are tied to the embeddings: logit_v = <x̂0, ê_v> * logit_scale. Tying gives the
         # embedding table a reason to keep tokens apart: with MSE alone, all embeddings collapsing
         # onto one vector would be a perfect (and useless) solution (Diffusion-LM, Li et al. 2022).
         # The scale is learnt in log space, so it can sharpen quickly; it starts at 2/√E, which puts
         # the logit of an exact match at 2E, sharp enough to tell thousands of tokens apart.
         self.log_logit_scale = nn.Parameter(torch.tensor(math.log(2 / math.sqrt(cfg.embed_dim))))
-        self._init_weights()
-
-    def _init_weights(self):
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
-        nn.init.normal_(self.embedding.weight, std=1.0)  # normalised on use; only the direction counts
-        nn.init.normal_(self.pos_start.weight, std=0.02)
-        nn.init.normal_(self.pos_end.weight, std=0.02)
-        # zero FiLM: every LayerNorm starts as a plain LayerNorm, whatever t is
-        nn.init.zeros_(self.film.weight)
-        # residual branches start small (GPT-2's scaled init), so the stack starts near identity
-        for b in self.blocks:
-            nn.init.normal_(b.attn.out.weight, std=0.02 / math.sqrt(2 * self.cfg.depth))
-            nn.init.normal_(b.ff.down.weight, std=0.02 / math.sqrt(2 * self.cfg.depth))
 
     def embeddings(self):
         """The (V, E) embedding table, each row L2-normalised and scaled to norm √E, so every
@@ -203,8 +188,71 @@ class Estimator(nn.Module):
         return out.view(x0_hat.shape), tokens.view(x0_hat.shape[:-1])
 
     def forward(self, x_t, x_cond, x_self, t, length_mask):
-        """x_t, x_cond, x_self: (B, L, E); t: (B,) in [0, 1]; length_mask: (B, L) bool.
-        Returns x̂0 (B, L, E) and the final hidden state (B, L, D)."""
+        raise NotImplementedError("a backbone implements forward(x_t, x_cond, x_self, t, length_mask) -> x0_hat")
+
+
+# Backbones by name (cf. the backbone registries of the discrete-diffusion libraries): ModelConfig's
+# `backbone` names the class, so a checkpoint rebuilds whichever network it was trained with.
+BACKBONES = {}
+
+
+def register_backbone(name: str):
+    """Class decorator: make a Denoiser subclass buildable as `--backbone name`. A later
+    registration under the same name replaces the earlier one."""
+    def add(cls):
+        if not (isinstance(cls, type) and issubclass(cls, Denoiser)):
+            raise TypeError(f"backbone {name!r} must be a subclass of model.Denoiser")
+        BACKBONES[name] = cls
+        return cls
+    return add
+
+
+def build_model(cfg: ModelConfig) -> Denoiser:
+    """The backbone that cfg.backbone names, freshly initialised."""
+    if cfg.backbone not in BACKBONES:
+        raise ValueError(f"unknown backbone {cfg.backbone!r}; choose from {', '.join(BACKBONES)} "
+                         f"(a backbone of your own must be registered before use: import its module)")
+    return BACKBONES[cfg.backbone](cfg)
+
+
+@register_backbone("estimator")
+class Estimator(Denoiser):
+    """The default backbone: pre-norm transformer blocks with rotary attention, FiLM time scaling
+    of every LayerNorm, and embeddings of the position from the start and from the end."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        E, D = cfg.embed_dim, cfg.width
+        self.time = TimeEmbedding(cfg.time_dim)
+        # FiLM for every LayerNorm (2 a block, 1 final), computed in one matmul: (scale, shift) pairs
+        self.film = nn.Linear(cfg.time_dim, (2 * cfg.depth + 1) * 2 * D)
+        self.rotary = RotaryEmbedding(dim=D // cfg.heads, cache_max_seq_len=cfg.max_len)
+        self.inp = nn.Linear(3 * E, D)
+        # Rotary attention knows relative offsets only. Position from the start and from the end
+        # tell each position where it stands, which gap positions (all alike at t = 1) need from the
+        # first step: without them the model learned to use its context many times more slowly.
+        self.pos_start = nn.Embedding(cfg.max_len, D)
+        self.pos_end = nn.Embedding(cfg.max_len, D)
+        self.blocks = nn.ModuleList(Block(cfg, self.rotary) for _ in range(cfg.depth))
+        self.out = nn.Linear(D, E)
+        self._init_weights()
+
+    def _init_weights(self):
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.pos_start.weight, std=0.02)
+        nn.init.normal_(self.pos_end.weight, std=0.02)
+        # zero FiLM: every LayerNorm starts as a plain LayerNorm, whatever t is
+        nn.init.zeros_(self.film.weight)
+        # residual branches start small (GPT-2's scaled init), so the stack starts near identity
+        for b in self.blocks:
+            nn.init.normal_(b.attn.out.weight, std=0.02 / math.sqrt(2 * self.cfg.depth))
+            nn.init.normal_(b.ff.down.weight, std=0.02 / math.sqrt(2 * self.cfg.depth))
+
+    def forward(self, x_t, x_cond, x_self, t, length_mask):
+        """x_t, x_cond, x_self: (B, L, E); t: (B,) in [0, 1]; length_mask: (B, L) bool -> x̂0 (B, L, E)."""
         B, L, _ = x_t.shape
         D = self.cfg.width
         film = self.film(self.time(t)).view(B, 2 * self.cfg.depth + 1, 2, 1, D).permute(1, 2, 0, 3, 4)  # (N, 2, B, 1, D)
@@ -214,5 +262,4 @@ class Estimator(nn.Module):
         h = self.inp(torch.cat([x_t, x_cond, x_self], dim=-1)) + self.pos_start(pos) + self.pos_end(to_end)  # (B, L, D)
         for i, block in enumerate(self.blocks):
             h = block(h, film[2 * i: 2 * i + 2].flatten(0, 1), attn_mask)
-        h = film_norm(h, film[-1, 0], film[-1, 1])
-        return self.out(h), h
+        return self.out(film_norm(h, film[-1, 0], film[-1, 1]))

@@ -18,6 +18,7 @@ import torch
 
 import checkpoint
 from data import UserError
+from diffusion import SAMPLERS, SPACINGS
 from tokenizer import EOS, PAD
 
 GAP = re.compile(r"\[gap(?::([^\]]*))?\]")
@@ -77,14 +78,16 @@ def draw_lengths(n, hist, gen, min_len=1):
 
 
 def generate(diffusion, tok, templates=None, prefix=None, num_samples=1, steps=None, sampler=None, seed=0,
-             length=None, lengths_from=None, gap_length=6, batch_size=64, on_step=None) -> list[str]:
+             length=None, lengths_from=None, gap_length=6, batch_size=64, on_step=None, spacing=None,
+             guidance=1.0) -> list[str]:
     """Sample texts; the Python face of this script.
 
     templates: list of template strings -> num_samples fills of each, template after template
     prefix:    a text to continue -> num_samples continuations
     neither:   num_samples unconditional texts
     Lengths (in tokens, EOS included) are `length` if given, else drawn from `lengths_from`, the
-    training corpus's length histogram that every checkpoint carries."""
+    training corpus's length histogram that every checkpoint carries. steps, sampler, spacing and
+    guidance are those of Diffusion.sample."""
     model = diffusion.model
     max_len = model.cfg.max_len
     device = next(model.parameters()).device
@@ -114,7 +117,7 @@ def generate(diffusion, tok, templates=None, prefix=None, num_samples=1, steps=N
             ids[b, : len(r)], cond[b, : len(c)], length_mask[b, : len(r)] = torch.tensor(r), torch.tensor(c), True
         noise_gen = torch.Generator(device=device).manual_seed(seed + i)
         out = diffusion.sample(ids.to(device), length_mask.to(device), cond.to(device), steps=steps,
-                               sampler=sampler, gen=noise_gen, on_step=on_step)
+                               sampler=sampler, gen=noise_gen, on_step=on_step, spacing=spacing, guidance=guidance)
         texts += [fill_template(t, tok, row, gaps) for t, row, (_, _, gaps)
                   in zip(templates[i: i + batch_size], out.tolist(), chunk)]
     return texts
@@ -129,7 +132,9 @@ def main():
     p.add_argument("--prefix", help="text to continue")
     p.add_argument("--num-samples", type=int, default=4, help="texts per template (or in all, without a template)")
     p.add_argument("--steps", type=int, help="denoising steps (default: the checkpoint's, 50)")
-    p.add_argument("--sampler", default="", help="ddim (deterministic) or ddpm (ancestral); default: the checkpoint's")
+    p.add_argument("--sampler", default="", help=f"update rule, one of {', '.join(SAMPLERS)}; default: the checkpoint's")
+    p.add_argument("--spacing", default="", help=f"where the steps fall in t, one of {', '.join(SPACINGS)}; default: the checkpoint's")
+    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance weight: 1 plain, 0 ignores the template's words, >1 follows them harder")
     p.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same output")
     p.add_argument("--length", type=int, help="tokens per text, EOS included (default: drawn from the training lengths)")
     p.add_argument("--gap-length", type=int, default=6, help="tokens in a [gap] without a number")
@@ -165,10 +170,11 @@ def main():
                         print(f"[step {i + 1:>3}/{steps}] {tok.decode(row)}")
         texts = generate(diffusion, tok, templates=templates, prefix=a.prefix, num_samples=a.num_samples,
                          steps=steps, sampler=a.sampler or None, seed=a.seed, length=a.length,
-                         lengths_from=ckpt.get("length_hist"), gap_length=a.gap_length, on_step=on_step)
+                         lengths_from=ckpt.get("length_hist"), gap_length=a.gap_length, on_step=on_step,
+                         spacing=a.spacing or None, guidance=a.guidance)
     except UserError as e:
         sys.exit(f"error: {e}")
-    except ValueError as e:  # an unknown sampler name
+    except ValueError as e:  # an unknown sampler or spacing name
         sys.exit(f"error: {e}")
     for text in texts:
         print(text)

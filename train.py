@@ -23,9 +23,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import checkpoint
-from data import Batches, Corpus, UserError, read_lines, split_valid
-from diffusion import Diffusion, DiffusionConfig
-from model import Estimator, PRESETS, get_preset
+from data import Batches, Corpus, UserError, mask_mixture, read_lines, split_valid
+from diffusion import SAMPLERS, SCHEDULES, Diffusion, DiffusionConfig
+from model import BACKBONES, PRESETS, build_model, get_preset
+from sample import generate
 from tokenizer import Tokenizer, train_tokenizer
 
 
@@ -53,6 +54,10 @@ class TrainConfig:
     eval_every: int = 500
     log_every: int = 10
     noise_scale: float = 1.0
+    backbone: str = "estimator"
+    schedule: str = "cosine"
+    sampler: str = "ddim"      # the checkpoint's default sampler
+    uncond_rate: float = 0.3   # share of rows trained with no context (unconditional; guidance needs it)
     seed: int = 0
     device: str = "auto"
     threads: int = 0
@@ -219,8 +224,12 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
         mcfg.vocab_size = tok.vocab_size
         if cfg.max_len:
             mcfg.max_len = cfg.max_len
-        dcfg = DiffusionConfig(noise_scale=cfg.noise_scale)
-        model = Estimator(mcfg).to(device)
+        mcfg.backbone = cfg.backbone
+        dcfg = DiffusionConfig(noise_scale=cfg.noise_scale, schedule=cfg.schedule, sampler=cfg.sampler)
+        try:
+            model = build_model(mcfg).to(device)
+        except ValueError as e:
+            raise UserError(f"--backbone: {e}") from None
         diffusion = Diffusion(model, dcfg)
     model.train()
     if world > 1:
@@ -244,7 +253,7 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
     no_decay = [p for p in params if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.99))
-    batches = Batches(corpus, cfg.batch_size, seed=cfg.seed)
+    batches = Batches(corpus, cfg.batch_size, seed=cfg.seed, mixture=mask_mixture(cfg.uncond_rate))
     step, elapsed_before = 0, 0.0
     if resume is not None:
         opt.load_state_dict(resume["optimizer"])
@@ -318,8 +327,8 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
         bar.update(1)
 
         if step % cfg.eval_every == 0:
+            save()  # first: nothing that goes wrong while reporting may cost the checkpoint
             report(diffusion, tok, corpus, valid, device, step, silent, rank, world, bf16)
-            save()
             t_log, tokens = time.time(), 0  # evaluation time is not training time
     bar.close()
     save()
@@ -399,7 +408,6 @@ def report(diffusion, tok, corpus, valid, device, step, silent, rank=0, world=1,
             tqdm.write(f"step {step}: valid loss {v['loss']:.3f} mse {v['mse']:.3f} ce {v['ce']:.3f} acc {v['acc']:.3f}")
     if rank != 0:
         return
-    from sample import generate  # sample.py imports train-free modules only
     for text in generate(diffusion, tok, num_samples=3, lengths_from=corpus.length_histogram(), seed=step):
         tqdm.write(f"  sample: {text}")
 
@@ -430,6 +438,10 @@ def parse_args(argv=None) -> TrainConfig:
     p.add_argument("--eval-every", type=int, default=d.eval_every, help="validate, print samples and save every N steps")
     p.add_argument("--log-every", type=int, default=d.log_every, help="update the progress bar every N steps")
     p.add_argument("--noise-scale", type=float, default=d.noise_scale, help="noise std relative to the cosine schedule's (SNR / scale^2)")
+    p.add_argument("--backbone", default=d.backbone, help=f"denoiser network, a name in model.BACKBONES ({', '.join(BACKBONES)})")
+    p.add_argument("--schedule", default=d.schedule, choices=sorted(SCHEDULES), help="noise schedule γ(t), see diffusion.py")
+    p.add_argument("--sampler", default=d.sampler, choices=sorted(SAMPLERS), help="the checkpoint's default sampler")
+    p.add_argument("--uncond-rate", type=float, default=d.uncond_rate, help="share of training rows given no context: they teach the unconditional model that --guidance needs")
     p.add_argument("--seed", type=int, default=d.seed, help="seed for initialisation, data order and noise")
     p.add_argument("--device", default=d.device, help="auto, cpu, cuda or mps")
     p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (0: one per core)")
@@ -444,6 +456,8 @@ def parse_args(argv=None) -> TrainConfig:
     for name in ("max_steps", "max_minutes", "warmup", "max_len", "threads", "weight_decay", "stop_at_step"):
         if getattr(cfg, name) < 0:
             p.error(f"--{name.replace('_', '-')} must not be negative")
+    if not 0 <= cfg.uncond_rate <= 1:
+        p.error("--uncond-rate must be between 0 and 1")
     if not cfg.lr > 0 or not cfg.grad_clip > 0:
         p.error("--lr and --grad-clip must be positive")
     if cfg.max_len == 1 or cfg.max_len > 4096:

@@ -45,3 +45,27 @@ def test_mismatched_weights_name_the_keys(tok):
 def test_unknown_config_key_is_named():
     with pytest.raises(UserError, match="colour"):
         checkpoint.config_from(DiffusionConfig, {**DiffusionConfig().__dict__, "colour": "red"}, "diffusion")
+
+
+def test_every_differing_key_and_shape_is_named(tok):
+    cfg = tiny()
+    cfg.vocab_size = tok.vocab_size
+    state = Estimator(cfg).state_dict()
+    gone = [k for k in state if k.startswith("blocks.1.")]  # more than a handful
+    for k in gone:
+        del state[k]
+    state["out.weight"] = torch.zeros(3, 3)
+    with pytest.raises(UserError) as e:
+        checkpoint.load_state(Estimator(cfg), state)
+    assert len(gone) > 5 and all(k in str(e.value) for k in gone)
+    assert "out.weight (3, 3) vs" in str(e.value)
+
+
+def test_a_checkpoint_of_an_unregistered_backbone_is_a_clear_error(tok):
+    cfg = tiny()
+    cfg.vocab_size = tok.vocab_size
+    ckpt = {"version": checkpoint.VERSION, "tokenizer": tok.model_bytes, "model": Estimator(cfg).state_dict(),
+            **checkpoint.configs(cfg, DiffusionConfig())}
+    ckpt["model_config"]["backbone"] = "from-a-module-not-imported"
+    with pytest.raises(UserError, match="from-a-module-not-imported.*import its module"):
+        checkpoint.build(ckpt)

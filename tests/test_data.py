@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from data import MASK_MIXTURE, Batches, Corpus, UserError, infill_mask, read_lines, split_valid
+from data import MASK_MIXTURE, Batches, Corpus, UserError, infill_masks, mask_mixture, read_lines, split_valid
 from tokenizer import EOS, PAD
 
 
@@ -46,18 +46,35 @@ def test_batch_masks(tok):
 
 
 @pytest.mark.parametrize("n", [1, 2, 5, 30])
-def test_infill_mask_mixture(n):
+@pytest.mark.parametrize("uncond_rate", [MASK_MIXTURE["none"], 0.6])
+def test_infill_mask_mixture(n, uncond_rate):
     g = torch.Generator().manual_seed(0)
-    masks = [infill_mask(n, 32, g) for _ in range(1000)]
-    assert all(not m[n:].any() for m in masks)  # never context past the text
+    mix = mask_mixture(uncond_rate)
+    assert sum(mix.values()) == pytest.approx(1.0)
+    masks = infill_masks(torch.full((2000,), n), 32, g, mix)  # (2000, 32)
+    assert not masks[:, n:].any()  # never context past the text
+    if n < 2:
+        assert not masks.any()
     if n < 30:
         return
-    k = [int(m.sum()) for m in masks]
-    share = lambda cond: sum(map(cond, masks, k)) / len(masks)  # noqa: E731
-    assert abs(share(lambda m, k: k == 0) - MASK_MIXTURE["none"]) < 0.05
-    prefix = share(lambda m, k: 0 < k < n and m[:k].all())
-    assert abs(prefix - MASK_MIXTURE["prefix"]) < 0.05
-    assert share(lambda m, k: 0 < k < n and not m[:k].all()) > 0.4  # spans and scattered
+    k = masks.sum(1)
+    share = lambda rows: rows.float().mean().item()  # noqa: E731
+    assert abs(share(k == 0) - uncond_rate) < 0.04
+    is_prefix = (0 < k) & (k < n) & (masks.cumsum(1) == torch.arange(1, 33)).gather(1, (k - 1).clamp(min=0)[:, None])[:, 0]
+    assert abs(share(is_prefix) - mix["prefix"]) < 0.04
+    assert share((0 < k) & (k < n) & ~is_prefix) > mix["spans"]  # spans and scattered
+
+
+def test_span_masks_hide_contiguous_spans():
+    """With only the spans kind, each row hides 1 to 3 runs covering 10-90% of the text."""
+    g = torch.Generator().manual_seed(1)
+    n = 40
+    masks = infill_masks(torch.full((500,), n), n, g, {"none": 0, "prefix": 0, "spans": 1, "scattered": 0})
+    hidden = ~masks  # (500, 40)
+    runs = (hidden[:, 1:] & ~hidden[:, :-1]).sum(1) + hidden[:, 0]  # starts of hidden runs
+    assert (runs >= 1).all() and (runs <= 3).all()
+    share = hidden.float().mean(1)
+    assert (share >= 0.05).all() and (share <= 0.95).all()
 
 
 def test_batches_resume_exactly(tok):

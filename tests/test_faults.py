@@ -145,3 +145,15 @@ def test_huge_template(tok):
         parse_template("[gap:99999999999999999999999]", tok, max_len=64)
     with pytest.raises(UserError, match="bad gap"):
         parse_template("[gap:²]", tok, max_len=64)
+
+
+def test_a_failure_while_reporting_keeps_the_checkpoint(corpus_file, tok_file, tmp_path, monkeypatch):
+    """Validation and samples come after the save: an error there must not cost the step's checkpoint."""
+    def broken_report(*args, **kw):
+        raise RuntimeError("sampling broke")
+
+    monkeypatch.setattr(train_mod, "report", broken_report)
+    out = tmp_path / "r"
+    with pytest.raises(RuntimeError, match="sampling broke"):
+        train(config(corpus_file, tok_file, out, eval_every=4))
+    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"] == 4

@@ -29,8 +29,8 @@ def test_shapes():
     B, L, E, D = 3, 7, m.cfg.embed_dim, m.cfg.width
     x = torch.randn(B, L, E)
     mask = torch.ones(B, L, dtype=torch.bool)
-    x0_hat, h = m(x, torch.zeros_like(x), torch.zeros_like(x), torch.rand(B), mask)
-    assert x0_hat.shape == (B, L, E) and h.shape == (B, L, D)
+    x0_hat = m(x, torch.zeros_like(x), torch.zeros_like(x), torch.rand(B), mask)
+    assert x0_hat.shape == (B, L, E)
     logits = m.logits(x0_hat)
     assert logits.shape == (B, L, 50)
     x_interp, tokens = m.interpolate(x0_hat)
@@ -52,8 +52,8 @@ def test_time_changes_the_output():
     x = torch.randn(1, 5, m.cfg.embed_dim)
     z = torch.zeros_like(x)
     mask = torch.ones(1, 5, dtype=torch.bool)
-    a, _ = m(x, z, z, torch.tensor([0.1]), mask)
-    b, _ = m(x, z, z, torch.tensor([0.9]), mask)
+    a = m(x, z, z, torch.tensor([0.1]), mask)
+    b = m(x, z, z, torch.tensor([0.9]), mask)
     assert not torch.allclose(a, b)
 
 
@@ -63,8 +63,8 @@ def test_padding_does_not_leak():
     x = torch.randn(1, 6, m.cfg.embed_dim)
     z = torch.zeros_like(x)
     mask = torch.tensor([[True] * 4 + [False] * 2])
-    a, _ = m(x, z, z, torch.tensor([0.5]), mask)
+    a = m(x, z, z, torch.tensor([0.5]), mask)
     x2 = x.clone()
     x2[:, 4:] = torch.randn(1, 2, m.cfg.embed_dim) * 10
-    b, _ = m(x2, z, z, torch.tensor([0.5]), mask)
+    b = m(x2, z, z, torch.tensor([0.5]), mask)
     assert torch.allclose(a[:, :4], b[:, :4], atol=1e-5)

@@ -69,11 +69,11 @@ def load(path: str, map_location="cpu") -> dict:
 
 
 def config_from(cls, d: dict, what: str):
-    """Rebuild a config dataclass, naming any key that this code does not know or lacks."""
-    names = {f.name for f in fields(cls)}
-    unknown, missing = sorted(set(d) - names), sorted(names - set(d))
-    if unknown or missing:
-        raise UserError(f"{what} config does not match this code: unknown keys {unknown}, missing keys {missing}")
+    """Rebuild a config dataclass. A key this code does not know is an error that names it; a
+    setting added after the checkpoint was written takes its default."""
+    unknown = sorted(set(d) - {f.name for f in fields(cls)})
+    if unknown:
+        raise UserError(f"{what} config does not match this code: unknown keys {unknown}")
     return cls(**d)
 
 

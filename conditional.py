@@ -3,7 +3,7 @@ label as context (a prefix), with and without classifier-free guidance.
 
     python conditional.py build --corpus ../shared/data/e2e/train.txt --out runs/area/train.txt
     python train.py --corpus runs/area/train.txt --out runs/area --preset small --max-minutes 10 --vocab-size 2000
-    python conditional.py measure --ckpt runs/area/ckpt.pt --guidance 0 1 1.5 2 3
+    python conditional.py measure --ckpt runs/area/ckpt.pt --guidance 0 1 1.5 2 3 --steps 20
 
 `build` labels E2E restaurant descriptions by the area they name: `<riverside>` or `<centre>` (lines
 naming both or neither are left out). The area is stated in plain words, so whether a sample carries
@@ -21,6 +21,7 @@ import torch
 
 import checkpoint
 from data import UserError, read_lines
+from diffusion import DiffusionConfig
 from sample import generate
 
 # label -> what a line with that property says
@@ -43,12 +44,13 @@ def build(lines: list[str]) -> list[str]:
     return out
 
 
-def measure(diffusion, tok, guidance: float, num_samples: int, steps=None, seed=0, lengths_from=None) -> dict:
+def measure(diffusion, tok, guidance: float, num_samples: int, steps=None, seed=0, lengths_from=None, sampler=None,
+            spacing=None) -> dict:
     """For each label, the shares of samples that state its property, the other's, or none."""
     res = {}
     for k, label in enumerate(LABELS):
         texts = generate(diffusion, tok, prefix=label, num_samples=num_samples, steps=steps, seed=seed + k,
-                         lengths_from=lengths_from, guidance=guidance)
+                         lengths_from=lengths_from, guidance=guidance, sampler=sampler, spacing=spacing)
         found = [properties(t[len(label):]) for t in texts]  # the text after the label
         res[label] = {"own": sum(label in f for f in found) / len(texts),
                       "other": sum(bool(f - {label}) for f in found) / len(texts),
@@ -70,6 +72,8 @@ def main(argv=None):
     m.add_argument("--guidance", type=float, nargs="+", default=[0, 1, 1.5, 2, 3], help="guidance weights to compare")
     m.add_argument("--num-samples", type=int, default=100, help="samples per label and weight")
     m.add_argument("--steps", type=int, help="denoising steps (default: the checkpoint's)")
+    m.add_argument("--sampler", default=DiffusionConfig.sampler, help="update rule (a name in diffusion.SAMPLERS)")
+    m.add_argument("--spacing", default=DiffusionConfig.spacing, help="step spacing (a name in diffusion.SPACINGS)")
     m.add_argument("--seed", type=int, default=0, help="seed: the same seed gives the same samples")
     a = p.parse_args(argv)
     for sp in (b, m):
@@ -94,7 +98,10 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     print(f"{'guidance':>8}  " + "  ".join(f"{label + ' own/other/none':>30}" for label in LABELS) + "  mean own")
     for w in a.guidance:
-        r = measure(diffusion, tok, w, a.num_samples, a.steps, a.seed, ckpt.get("length_hist"))
+        try:
+            r = measure(diffusion, tok, w, a.num_samples, a.steps, a.seed, ckpt.get("length_hist"), a.sampler, a.spacing)
+        except ValueError as e:  # an unknown sampler or spacing
+            sys.exit(f"error: {e}")
         cells = [f"{r[label]['own']:.2f} / {r[label]['other']:.2f} / {r[label]['none']:.2f}" for label in LABELS]
         print(f"{w:>8g}  " + "  ".join(f"{c:>30}" for c in cells) + f"  {r['own_mean']:>8.3f}", flush=True)
 

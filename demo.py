@@ -40,9 +40,9 @@ def main():
     p.add_argument("--out", default="runs/demo", help="folder for the corpus, tokenizer and checkpoint")
     p.add_argument("--minutes", type=float, default=10, help="training time budget")
     p.add_argument("--preset", default="small", help="model size (see model.py)")
-    p.add_argument("--steps", type=int, default=50, help="sampling steps")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the checkpoint's)")
     a = p.parse_args()
-    if not a.minutes > 0 or a.steps < 1:
+    if not a.minutes > 0 or (a.steps is not None and a.steps < 1):
         p.error("--minutes must be positive and --steps at least 1")
     try:
         corpus = a.corpus

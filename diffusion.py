@@ -27,9 +27,12 @@ class DiffusionConfig:
     noise_scale: float = 1.0      # noise std relative to the schedule's; > 1 makes every t noisier
     self_cond_rate: float = 0.5   # share of training batches that get a self-conditioning pass
     ce_weight: float = 1.0        # loss = mse + ce_weight * ce
-    sampler: str = "ddim"
-    steps: int = 50               # default number of sampling steps
-    spacing: str = "uniform"      # where the sampling steps fall in t: a name in SPACINGS
+    # Sampling defaults, measured with evaluate.py (README, "Few steps"): 20 ancestral steps,
+    # short ones at high noise, a slightly sharpened interpolation, beat 200 plain DDIM steps.
+    sampler: str = "ddpm"         # update rule: a name in SAMPLERS
+    steps: int = 20               # default number of sampling steps
+    spacing: str = "quadratic"    # where the sampling steps fall in t: a name in SPACINGS
+    temperature: float = 0.9      # softmax temperature of the sampler's interpolation
 
 
 # --- noise schedules: t in [0, 1] -> γ(t), decreasing from 1 to 0 ---------------------------------
@@ -215,13 +218,14 @@ class Diffusion:
 
     @torch.no_grad()
     def sample(self, ids, length_mask, cond_mask, steps=None, sampler=None, gen=None, on_step=None, spacing=None,
-               guidance=1.0):
+               guidance=1.0, temperature=None):
         """Generate token ids by denoising from pure noise in `steps` steps.
 
         ids:         (B, L) tokens; only those at context positions are read
         length_mask: (B, L) True on the positions to produce (the text and its EOS)
         cond_mask:   (B, L) True where ids are given; they stay fixed at every step
-        sampler, spacing: names in SAMPLERS and SPACINGS (default: the config's)
+        sampler, spacing, temperature: names in SAMPLERS and SPACINGS, and the interpolation's
+                     softmax temperature (default: the config's)
         guidance:    classifier-free guidance weight W: x̂0 = x̂0_uncond + W (x̂0_cond - x̂0_uncond).
                      1 is the plain conditional model, 0 ignores the context, above 1 follows it
                      harder. W != 1 costs a second network evaluation a step.
@@ -233,6 +237,7 @@ class Diffusion:
         if steps < 1:
             raise ValueError("steps must be at least 1")
         guided = guidance != 1.0 and bool(cond_mask.any())
+        temperature = temperature or self.cfg.temperature
         x0_ctx, x_cond = self.inputs(ids, cond_mask)
         cond = cond_mask[..., None]
         x_t = torch.randn(x0_ctx.shape, generator=gen, device=ids.device)  # x_1 ~ N(0, I)
@@ -252,7 +257,7 @@ class Diffusion:
             else:
                 x0_hat = self.model(x_in, x_cond, x_self, t.expand(len(ids)), length_mask)
             # Step with the interpolated estimate: it lies among the token embeddings, where x0 lives.
-            x0_hat, best = self.model.interpolate(x0_hat)
+            x0_hat, best = self.model.interpolate(x0_hat, temperature)
             x_self = torch.where(cond, 0.0, x0_hat)
             x_t = step_fn(x_t, x0_hat, self.gamma(t), self.gamma(s), gen)
             tokens = torch.where(cond_mask, ids, best)

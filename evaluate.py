@@ -123,7 +123,8 @@ def denoising(diffusion, corpus, times=TIMES, seed=0, batch_size=64) -> dict:
 
 
 @torch.no_grad()
-def infilling(diffusion, corpus, kind, steps, sampler, seed=0, batch_size=64, spacing=None, guidance=1.0) -> dict:
+def infilling(diffusion, corpus, kind, steps, sampler, seed=0, batch_size=64, spacing=None, guidance=1.0,
+              temperature=None) -> dict:
     """Hide tokens of each line as `kind` says, fill them with Diffusion.sample, score the fills."""
     device = next(diffusion.model.parameters()).device
     mask_gen = torch.Generator().manual_seed(seed)
@@ -138,13 +139,15 @@ def infilling(diffusion, corpus, kind, steps, sampler, seed=0, batch_size=64, sp
         ids = torch.where(h, PAD, b["ids"])  # the hidden tokens never reach the sampler
         gen = torch.Generator(device=device).manual_seed(seed * 1000 + i)
         out = diffusion.sample(ids.to(device), b["length_mask"].to(device), (b["length_mask"] & ~h).to(device),
-                               steps=steps, sampler=sampler, gen=gen, spacing=spacing, guidance=guidance)
+                               steps=steps, sampler=sampler, gen=gen, spacing=spacing, guidance=guidance,
+                               temperature=temperature)
         pred[idx, : out.shape[1]] = out.cpu()
     acc, exact = fill_accuracy(pred, target, hidden)
     return {"acc": acc, "exact": exact, "hidden_share": hidden.sum().item() / (corpus.lengths - 1).sum().item()}
 
 
-def unconditional(diffusion, tok, num_samples, steps, sampler, seed, length_hist, batch_size, spacing=None):
+def unconditional(diffusion, tok, num_samples, steps, sampler, seed, length_hist, batch_size, spacing=None,
+                  temperature=None):
     """K samples from sample.generate: (texts, their tokens as the model wrote them, seconds)."""
     final = []
 
@@ -154,7 +157,8 @@ def unconditional(diffusion, tok, num_samples, steps, sampler, seed, length_hist
 
     start = time.perf_counter()
     texts = generate(diffusion, tok, num_samples=num_samples, steps=steps, sampler=sampler, seed=seed,
-                     lengths_from=length_hist, batch_size=batch_size, on_step=keep_last, spacing=spacing)
+                     lengths_from=length_hist, batch_size=batch_size, on_step=keep_last, spacing=spacing,
+                     temperature=temperature)
     return texts, final, time.perf_counter() - start
 
 
@@ -168,7 +172,8 @@ def text_stats(texts, tokens, judge, tok, train_set) -> dict:
 
 
 def evaluate(diffusion, tok, valid_lines, judge=None, train_lines=None, length_hist=None, num_lines=200,
-             num_samples=200, steps=50, sampler="ddim", seed=0, batch_size=64, spacing="uniform", guidance=1.0) -> dict:
+             num_samples=200, steps=20, sampler="ddpm", seed=0, batch_size=64, spacing="quadratic", guidance=1.0,
+             temperature=0.9) -> dict:
     """All sections as a dict of plain values (the JSON)."""
     max_len = diffusion.model.cfg.max_len
     pick = torch.randperm(len(valid_lines), generator=torch.Generator().manual_seed(seed))[:num_lines]
@@ -179,13 +184,13 @@ def evaluate(diffusion, tok, valid_lines, judge=None, train_lines=None, length_h
     if train_lines:
         train_set = {" ".join(tok.decode(ids).split()) for ids in Corpus(train_lines, tok, max_len).ids}
     r = {"settings": {"num_lines": len(lines), "num_samples": num_samples, "steps": steps, "sampler": sampler,
-                      "spacing": spacing, "guidance": guidance, "seed": seed, "judge": judge is not None,
+                      "spacing": spacing, "guidance": guidance, "temperature": temperature, "seed": seed, "judge": judge is not None,
                       "train": train_set is not None}}
     r["denoising"] = denoising(diffusion, corpus, TIMES, seed, batch_size)
-    r["infilling"] = {kind: infilling(diffusion, corpus, kind, steps, sampler, seed, batch_size, spacing, guidance)
-                      for kind in HIDE}
+    r["infilling"] = {kind: infilling(diffusion, corpus, kind, steps, sampler, seed, batch_size, spacing, guidance,
+                                      temperature) for kind in HIDE}
     texts, tokens, seconds = unconditional(diffusion, tok, num_samples, steps, sampler, seed, length_hist, batch_size,
-                                           spacing)
+                                           spacing, temperature)
     r["samples"] = text_stats(texts, tokens, judge, tok, train_set)
     r["held_out"] = text_stats([tok.decode(ids) for ids in corpus.ids], [text_tokens(ids) for ids in corpus.ids],
                                judge, tok, train_set)
@@ -200,7 +205,8 @@ def table(r) -> str:
     out = [f"denoising: {s['num_lines']} held-out lines, no context, self-conditioning off",
            "  t" + " " * 30 + "".join(f"{t:>8}" for t in r["denoising"])]
     out += [f"  {k:<31}" + "".join(f"{v[k]:>8.3f}" for v in r["denoising"].values()) for k in ("mse", "ce", "acc")]
-    out += [f"infilling: {s['steps']} {s['sampler']} steps, {s['spacing']} spacing, guidance {s['guidance']:g}",
+    out += [f"infilling: {s['steps']} {s['sampler']} steps, {s['spacing']} spacing, temperature {s['temperature']:g}, "
+            f"guidance {s['guidance']:g}",
             row("", "token acc", "exact lines")]
     for kind, label in (("span", "one span, 25-50% hidden"), ("scattered", "scattered, 15% hidden")):
         out.append(row(label, *(f"{r['infilling'][kind][k]:.3f}" for k in ("acc", "exact"))))
@@ -224,9 +230,10 @@ def main(argv=None):
     p.add_argument("--train", default="", help="training text for the copy check (default: the checkpoint's corpus, if found)")
     p.add_argument("--num-lines", type=int, default=200, help="held-out lines to use (a fixed-seed choice)")
     p.add_argument("--num-samples", type=int, default=200, help="unconditional samples")
-    p.add_argument("--steps", type=int, default=50, help="denoising steps for infilling and samples")
-    p.add_argument("--sampler", default="ddim", help=f"update rule, one of {', '.join(SAMPLERS)}")
-    p.add_argument("--spacing", default="uniform", help=f"where the steps fall in t, one of {', '.join(SPACINGS)}")
+    p.add_argument("--steps", type=int, default=20, help="denoising steps for infilling and samples")
+    p.add_argument("--sampler", default="ddpm", help=f"update rule, one of {', '.join(SAMPLERS)}")
+    p.add_argument("--spacing", default="quadratic", help=f"where the steps fall in t, one of {', '.join(SPACINGS)}")
+    p.add_argument("--temperature", type=float, default=0.9, help="softmax temperature of the sampler's interpolation")
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance weight for infilling (1: none)")
     p.add_argument("--seed", type=int, default=0, help="seed of every draw: the same seed gives the same numbers")
     p.add_argument("--batch-size", type=int, default=64, help="lines or samples a batch")
@@ -234,8 +241,8 @@ def main(argv=None):
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: one per core)")
     a = p.parse_args(argv)
-    if min(a.num_lines, a.num_samples, a.steps, a.batch_size) < 1 or a.threads < 0:
-        p.error("--num-lines, --num-samples, --steps and --batch-size must be at least 1; --threads not negative")
+    if min(a.num_lines, a.num_samples, a.steps, a.batch_size) < 1 or a.threads < 0 or not a.temperature > 0:
+        p.error("--num-lines, --num-samples, --steps and --batch-size must be at least 1; --threads not negative; --temperature positive")
     torch.set_num_threads(a.threads or os.cpu_count() or 1)
     try:
         get_sampler(a.sampler), get_spacing(a.spacing)
@@ -254,7 +261,7 @@ def main(argv=None):
         if a.json and not os.path.isdir(os.path.dirname(os.path.abspath(a.json))):
             raise UserError(f"--json {a.json}: no such folder")
         r = evaluate(diffusion, tok, valid_lines, judge, train_lines, ckpt.get("length_hist"), a.num_lines,
-                     a.num_samples, a.steps, a.sampler, a.seed, a.batch_size, a.spacing, a.guidance)
+                     a.num_samples, a.steps, a.sampler, a.seed, a.batch_size, a.spacing, a.guidance, a.temperature)
     except UserError as e:
         sys.exit(f"error: {e}")
     r["settings"].update(checkpoint_step=ckpt.get("step"), train_file=train_path if train_lines else None)

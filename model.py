@@ -174,13 +174,15 @@ class Denoiser(nn.Module):
         return x0_hat @ self.readout().t()
 
     @torch.no_grad()
-    def interpolate(self, x0_hat):
-        """(..., E) -> (softmax(logits) @ embeddings, argmax of the logits): the expected embedding
-        under the model's token distribution (CDCD's score interpolation, Dieleman et al. 2022) and
-        the most likely token. Computed a few hundred rows at a time, so the (rows, V) logits stay
-        small: on a CPU, allocating the whole (B, L, V) tensor costs more than the matmul."""
+    def interpolate(self, x0_hat, temperature: float = 1.0):
+        """(..., E) -> (softmax(logits / temperature) @ embeddings, argmax of the logits): the
+        expected embedding under the model's token distribution (CDCD's score interpolation,
+        Dieleman et al. 2022) and the most likely token. A temperature below 1 pulls the estimate
+        towards the likeliest token's embedding. Computed a few hundred rows at a time, so the
+        (rows, V) logits stay small: on a CPU, allocating the whole (B, L, V) tensor costs more
+        than the matmul."""
         x = x0_hat.reshape(-1, x0_hat.shape[-1]).float()  # (N, E)
-        w, emb = self.readout().float(), self.embeddings().float()  # (V, E)
+        w, emb = self.readout().float() / temperature, self.embeddings().float()  # (V, E)
         out, tokens = torch.empty_like(x), torch.empty(len(x), dtype=torch.long, device=x.device)
         for rows in row_chunks(len(x), len(w)):
             logits = x[rows] @ w.t()  # (n, V)

@@ -79,15 +79,15 @@ def draw_lengths(n, hist, gen, min_len=1):
 
 def generate(diffusion, tok, templates=None, prefix=None, num_samples=1, steps=None, sampler=None, seed=0,
              length=None, lengths_from=None, gap_length=6, batch_size=64, on_step=None, spacing=None,
-             guidance=1.0) -> list[str]:
+             guidance=1.0, temperature=None) -> list[str]:
     """Sample texts; the Python face of this script.
 
     templates: list of template strings -> num_samples fills of each, template after template
     prefix:    a text to continue -> num_samples continuations
     neither:   num_samples unconditional texts
     Lengths (in tokens, EOS included) are `length` if given, else drawn from `lengths_from`, the
-    training corpus's length histogram that every checkpoint carries. steps, sampler, spacing and
-    guidance are those of Diffusion.sample."""
+    training corpus's length histogram that every checkpoint carries. steps, sampler, spacing,
+    guidance and temperature are those of Diffusion.sample."""
     model = diffusion.model
     max_len = model.cfg.max_len
     device = next(model.parameters()).device
@@ -117,7 +117,8 @@ def generate(diffusion, tok, templates=None, prefix=None, num_samples=1, steps=N
             ids[b, : len(r)], cond[b, : len(c)], length_mask[b, : len(r)] = torch.tensor(r), torch.tensor(c), True
         noise_gen = torch.Generator(device=device).manual_seed(seed + i)
         out = diffusion.sample(ids.to(device), length_mask.to(device), cond.to(device), steps=steps,
-                               sampler=sampler, gen=noise_gen, on_step=on_step, spacing=spacing, guidance=guidance)
+                               sampler=sampler, gen=noise_gen, on_step=on_step, spacing=spacing, guidance=guidance,
+                               temperature=temperature)
         texts += [fill_template(t, tok, row, gaps) for t, row, (_, _, gaps)
                   in zip(templates[i: i + batch_size], out.tolist(), chunk)]
     return texts
@@ -134,6 +135,7 @@ def main():
     p.add_argument("--steps", type=int, help="denoising steps (default: the checkpoint's, 50)")
     p.add_argument("--sampler", default="", help=f"update rule, one of {', '.join(SAMPLERS)}; default: the checkpoint's")
     p.add_argument("--spacing", default="", help=f"where the steps fall in t, one of {', '.join(SPACINGS)}; default: the checkpoint's")
+    p.add_argument("--temperature", type=float, help="softmax temperature of the interpolation; below 1 commits sooner (default: the checkpoint's)")
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance weight: 1 plain, 0 ignores the template's words, >1 follows them harder")
     p.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same output")
     p.add_argument("--length", type=int, help="tokens per text, EOS included (default: drawn from the training lengths)")
@@ -148,6 +150,8 @@ def main():
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if a.threads < 0:
         p.error("--threads must not be negative")
+    if a.temperature is not None and not a.temperature > 0:
+        p.error("--temperature must be positive")
     if a.template and a.prefix or a.template_file and a.prefix:
         p.error("give templates or a prefix, not both")
     torch.set_num_threads(a.threads or os.cpu_count() or 1)
@@ -171,7 +175,7 @@ def main():
         texts = generate(diffusion, tok, templates=templates, prefix=a.prefix, num_samples=a.num_samples,
                          steps=steps, sampler=a.sampler or None, seed=a.seed, length=a.length,
                          lengths_from=ckpt.get("length_hist"), gap_length=a.gap_length, on_step=on_step,
-                         spacing=a.spacing or None, guidance=a.guidance)
+                         spacing=a.spacing or None, guidance=a.guidance, temperature=a.temperature)
     except UserError as e:
         sys.exit(f"error: {e}")
     except ValueError as e:  # an unknown sampler or spacing name

@@ -56,7 +56,7 @@ class TrainConfig:
     noise_scale: float = 1.0
     backbone: str = "estimator"
     schedule: str = "cosine"
-    sampler: str = "ddim"      # the checkpoint's default sampler
+    sampler: str = "ddpm"      # the checkpoint's default sampler
     uncond_rate: float = 0.3   # share of rows trained with no context (unconditional; guidance needs it)
     seed: int = 0
     device: str = "auto"

@@ -69,3 +69,9 @@ def test_a_checkpoint_of_an_unregistered_backbone_is_a_clear_error(tok):
     ckpt["model_config"]["backbone"] = "from-a-module-not-imported"
     with pytest.raises(UserError, match="from-a-module-not-imported.*import its module"):
         checkpoint.build(ckpt)
+
+
+def test_a_setting_added_later_takes_its_default():
+    """A checkpoint written before a setting existed loads with that setting's default."""
+    old = {k: v for k, v in DiffusionConfig().__dict__.items() if k != "temperature"}
+    assert checkpoint.config_from(DiffusionConfig, old, "diffusion").temperature == DiffusionConfig().temperature

@@ -68,3 +68,12 @@ def test_padding_does_not_leak():
     x2[:, 4:] = torch.randn(1, 2, m.cfg.embed_dim) * 10
     b = m(x2, z, z, torch.tensor([0.5]), mask)
     assert torch.allclose(a[:, :4], b[:, :4], atol=1e-5)
+
+
+def test_interpolation_temperature_sharpens_towards_the_best_token():
+    m = make()
+    x0_hat = torch.randn(2, 5, m.cfg.embed_dim)
+    best_emb = m.embeddings()[m.interpolate(x0_hat)[1]]  # (2, 5, E): the argmax token's embedding
+    dist = lambda tau: (m.interpolate(x0_hat, tau)[0] - best_emb).norm(dim=-1).mean()  # noqa: E731
+    assert dist(0.5) < dist(1.0) < dist(2.0)
+    assert torch.equal(m.interpolate(x0_hat, 0.5)[1], m.interpolate(x0_hat, 2.0)[1])  # argmax unchanged

@@ -12,6 +12,8 @@ Notation (code -> paper):
     x_cond    c        clean embeddings at context positions, 0 elsewhere
     cond_mask          True at context positions: fed clean, kept fixed, never in the loss
     length_mask        True on real tokens (text + EOS); padding is attended by nothing
+    temperature τ      softmax temperature of the interpolation softmax(logits / τ) @ embeddings
+    guidance    W      classifier-free guidance: x̂0 = x̂0_uncond + W (x̂0_cond - x̂0_uncond)
 """
 import math
 from dataclasses import dataclass

@@ -132,7 +132,7 @@ def main():
     p.add_argument("--template-file", help="a file of templates, one a line")
     p.add_argument("--prefix", help="text to continue")
     p.add_argument("--num-samples", type=int, default=4, help="texts per template (or in all, without a template)")
-    p.add_argument("--steps", type=int, help="denoising steps (default: the checkpoint's, 50)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: the checkpoint's, 20 for new ones)")
     p.add_argument("--sampler", default="", help=f"update rule, one of {', '.join(SAMPLERS)}; default: the checkpoint's")
     p.add_argument("--spacing", default="", help=f"where the steps fall in t, one of {', '.join(SPACINGS)}; default: the checkpoint's")
     p.add_argument("--temperature", type=float, help="softmax temperature of the interpolation; below 1 commits sooner (default: the checkpoint's)")

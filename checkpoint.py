@@ -68,12 +68,18 @@ def load(path: str, map_location="cpu") -> dict:
     return ckpt
 
 
+# Settings added to the configs after checkpoints of this version were first written, with the value
+# that reproduces what those checkpoints did. Any other missing key is an error.
+ADDED_LATER = {"backbone": "estimator", "spacing": "uniform", "temperature": 1.0}
+
+
 def config_from(cls, d: dict, what: str):
-    """Rebuild a config dataclass. A key this code does not know is an error that names it; a
-    setting added after the checkpoint was written takes its default."""
-    unknown = sorted(set(d) - {f.name for f in fields(cls)})
-    if unknown:
-        raise UserError(f"{what} config does not match this code: unknown keys {unknown}")
+    """Rebuild a config dataclass, naming any key that this code does not know or lacks."""
+    names = {f.name for f in fields(cls)}
+    d = {**{k: v for k, v in ADDED_LATER.items() if k in names}, **d}
+    unknown, missing = sorted(set(d) - names), sorted(names - set(d))
+    if unknown or missing:
+        raise UserError(f"{what} config does not match this code: unknown keys {unknown}, missing keys {missing}")
     return cls(**d)
 
 
@@ -96,7 +102,10 @@ def build(ckpt: dict, device="cpu"):
         raise UserError(f"checkpoint's model config: {e}") from None
     load_state(model, ckpt["model"])
     model.to(device).eval()
-    return tok, model, Diffusion(model, dcfg)
+    try:
+        return tok, model, Diffusion(model, dcfg)
+    except ValueError as e:  # a schedule or sampler name this code does not know
+        raise UserError(f"checkpoint's diffusion config: {e}") from None
 
 
 def load_state(model, state: dict):

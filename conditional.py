@@ -45,12 +45,13 @@ def build(lines: list[str]) -> list[str]:
 
 
 def measure(diffusion, tok, guidance: float, num_samples: int, steps=None, seed=0, lengths_from=None, sampler=None,
-            spacing=None) -> dict:
+            spacing=None, temperature=None) -> dict:
     """For each label, the shares of samples that state its property, the other's, or none."""
     res = {}
     for k, label in enumerate(LABELS):
         texts = generate(diffusion, tok, prefix=label, num_samples=num_samples, steps=steps, seed=seed + k,
-                         lengths_from=lengths_from, guidance=guidance, sampler=sampler, spacing=spacing)
+                         lengths_from=lengths_from, guidance=guidance, sampler=sampler, spacing=spacing,
+                         temperature=temperature)
         found = [properties(t[len(label):]) for t in texts]  # the text after the label
         res[label] = {"own": sum(label in f for f in found) / len(texts),
                       "other": sum(bool(f - {label}) for f in found) / len(texts),
@@ -74,6 +75,7 @@ def main(argv=None):
     m.add_argument("--steps", type=int, help="denoising steps (default: the checkpoint's)")
     m.add_argument("--sampler", default=DiffusionConfig.sampler, help="update rule (a name in diffusion.SAMPLERS)")
     m.add_argument("--spacing", default=DiffusionConfig.spacing, help="step spacing (a name in diffusion.SPACINGS)")
+    m.add_argument("--temperature", type=float, default=DiffusionConfig.temperature, help="interpolation temperature")
     m.add_argument("--seed", type=int, default=0, help="seed: the same seed gives the same samples")
     a = p.parse_args(argv)
     for sp in (b, m):
@@ -99,8 +101,9 @@ def main(argv=None):
     print(f"{'guidance':>8}  " + "  ".join(f"{label + ' own/other/none':>30}" for label in LABELS) + "  mean own")
     for w in a.guidance:
         try:
-            r = measure(diffusion, tok, w, a.num_samples, a.steps, a.seed, ckpt.get("length_hist"), a.sampler, a.spacing)
-        except ValueError as e:  # an unknown sampler or spacing
+            r = measure(diffusion, tok, w, a.num_samples, a.steps, a.seed, ckpt.get("length_hist"), a.sampler, a.spacing,
+                        a.temperature)
+        except ValueError as e:  # an unknown sampler or spacing, a temperature that is not positive
             sys.exit(f"error: {e}")
         cells = [f"{r[label]['own']:.2f} / {r[label]['other']:.2f} / {r[label]['none']:.2f}" for label in LABELS]
         print(f"{w:>8g}  " + "  ".join(f"{c:>30}" for c in cells) + f"  {r['own_mean']:>8.3f}", flush=True)

@@ -151,7 +151,7 @@ class TiedCrossEntropy(torch.autograd.Function):
 
 def tied_cross_entropy(x, w, target):
     """(N, E) estimates, (V, E) read-out, (N,) targets -> per-row cross-entropy and argmax, in float32."""
-    with torch.autocast(x.device.type, enabled=False):
+    with torch.autocast("cuda" if x.is_cuda else "cpu", enabled=False):
         return TiedCrossEntropy.apply(x.float(), w.float(), target)
 
 
@@ -239,11 +239,13 @@ class Diffusion:
         if steps < 1:
             raise ValueError("steps must be at least 1")
         guided = guidance != 1.0 and bool(cond_mask.any())
-        temperature = temperature or self.cfg.temperature
+        temperature = self.cfg.temperature if temperature is None else temperature
+        if not temperature > 0:
+            raise ValueError(f"temperature must be positive, not {temperature}")
         x0_ctx, x_cond = self.inputs(ids, cond_mask)
         cond = cond_mask[..., None]
         x_t = torch.randn(x0_ctx.shape, generator=gen, device=ids.device)  # x_1 ~ N(0, I)
-        x_self = torch.zeros_like(x_t)
+        x_self = x_self_uncond = torch.zeros_like(x_t)
         ts = get_spacing(spacing or self.cfg.spacing)(steps).to(ids.device)  # (steps + 1,)
         for i in range(steps):
             t, s = ts[i], ts[i + 1]
@@ -251,16 +253,19 @@ class Diffusion:
             if guided:
                 # Classifier-free guidance (Ho & Salimans 2022): the same network with the context
                 # and without it (it learnt both: training drops all context from some rows), in
-                # one batch of 2B rows. The unconditional half sees noise at context positions too.
+                # one batch of 2B rows. The unconditional half sees noise at context positions, as
+                # its training rows did, and its own self-conditioning estimate everywhere.
                 both = self.model(torch.cat([x_in, x_t]), torch.cat([x_cond, torch.zeros_like(x_cond)]),
-                                  x_self.repeat(2, 1, 1), t.expand(2 * len(ids)), length_mask.repeat(2, 1))
+                                  torch.cat([x_self, x_self_uncond]), t.expand(2 * len(ids)), length_mask.repeat(2, 1))
                 x0_cond, x0_uncond = both.float().chunk(2)  # 2 x (B, L, E)
-                x0_hat = x0_uncond + guidance * (x0_cond - x0_uncond)
+                # at context positions the conditional output was never trained (no loss there):
+                # x_t there, which only the unconditional half reads, follows the unconditional estimate
+                x0_hat = torch.where(cond, x0_uncond, x0_uncond + guidance * (x0_cond - x0_uncond))
             else:
                 x0_hat = self.model(x_in, x_cond, x_self, t.expand(len(ids)), length_mask)
             # Step with the interpolated estimate: it lies among the token embeddings, where x0 lives.
             x0_hat, best = self.model.interpolate(x0_hat, temperature)
-            x_self = torch.where(cond, 0.0, x0_hat)
+            x_self, x_self_uncond = torch.where(cond, 0.0, x0_hat), x0_hat
             x_t = step_fn(x_t, x0_hat, self.gamma(t), self.gamma(s), gen)
             tokens = torch.where(cond_mask, ids, best)
             tokens = torch.where(length_mask, tokens, 0)

@@ -114,7 +114,10 @@ def use_bf16(device, precision: str) -> bool:
 
 
 def autocast(device, bf16: bool):
-    """bf16 autocast when `bf16`, else full precision. The loss's read-out always runs in float32."""
+    """bf16 autocast when `bf16`, else full precision. The loss's read-out always runs in float32.
+    Other devices (Apple's MPS) run in full precision: older torch has no autocast for them."""
+    if device.type not in ("cuda", "cpu"):
+        return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
@@ -214,6 +217,12 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
         train_lines, valid_lines = split_valid(lines, seed=cfg.seed)
 
     if resume is not None:
+        # settings that define the model, the noise or the data: a resumed run must keep them
+        before = resume.get("train_config", {})
+        for key in ("preset", "max_len", "backbone", "schedule", "noise_scale", "uncond_rate", "sampler"):
+            if key in before and before[key] != getattr(cfg, key):
+                raise UserError(f"{ckpt_path} was trained with --{key.replace('_', '-')} {before[key]}; resuming "
+                                f"with {getattr(cfg, key)} would not continue that run: use the same value or another --out")
         tok, model, diffusion = checkpoint.build(resume, device)
         if cfg.tokenizer and Tokenizer.load(cfg.tokenizer).model_bytes != tok.model_bytes:
             raise UserError(f"{ckpt_path} was trained with another tokenizer than {cfg.tokenizer}; use another --out")

@@ -157,3 +157,10 @@ def test_a_failure_while_reporting_keeps_the_checkpoint(corpus_file, tok_file, t
     with pytest.raises(RuntimeError, match="sampling broke"):
         train(config(corpus_file, tok_file, out, eval_every=4))
     assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"] == 4
+
+
+def test_resuming_with_another_model_setting_is_refused(corpus_file, tok_file, tmp_path):
+    out = tmp_path / "s"
+    train(config(corpus_file, tok_file, out, max_steps=2), quiet=True)
+    with pytest.raises(UserError, match="--schedule cosine"):
+        train(config(corpus_file, tok_file, out, max_steps=4, schedule="sqrt"), quiet=True)

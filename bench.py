@@ -19,7 +19,7 @@ import torch
 
 from diffusion import Diffusion, DiffusionConfig
 from model import PRESETS, build_model, get_preset
-from train import autocast, use_bf16
+from device import PRECISIONS, autocast, use_bf16
 
 
 def median_time(fn, warmup: int, repeats: int) -> float:
@@ -69,7 +69,7 @@ def main():
     p.add_argument("--length", type=int, default=64, help="tokens per row (all real: no padding)")
     p.add_argument("--steps", type=int, default=20, help="sampling steps")
     p.add_argument("--sample-batch", type=int, default=8, help="rows sampled at once")
-    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="bf16 autocast or float32 (auto: as train.py decides on this machine)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--warmup", type=int, default=3, help="untimed runs first")

@@ -23,12 +23,12 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 import checkpoint
+from device import pick_device
 from data import Corpus, UserError, read_lines
-from diffusion import SAMPLERS, SPACINGS, Diffusion, get_sampler, get_spacing
+from diffusion import SAMPLERS, SPACINGS, Diffusion, DiffusionConfig, get_sampler, get_spacing
 from judge import diffusion_tokenizer, load_judge, perplexity
 from sample import generate
 from tokenizer import BOS, EOS, PAD
-from train import pick_device
 
 TIMES = (0.1, 0.3, 0.5, 0.7, 0.9)
 
@@ -172,8 +172,8 @@ def text_stats(texts, tokens, judge, tok, train_set) -> dict:
 
 
 def evaluate(diffusion, tok, valid_lines, judge=None, train_lines=None, length_hist=None, num_lines=200,
-             num_samples=200, steps=20, sampler="ddpm", seed=0, batch_size=64, spacing="quadratic", guidance=1.0,
-             temperature=0.9) -> dict:
+             num_samples=200, steps=DiffusionConfig.steps, sampler=DiffusionConfig.sampler, seed=0, batch_size=64,
+             spacing=DiffusionConfig.spacing, guidance=1.0, temperature=DiffusionConfig.temperature) -> dict:
     """All sections as a dict of plain values (the JSON)."""
     max_len = diffusion.model.cfg.max_len
     pick = torch.randperm(len(valid_lines), generator=torch.Generator().manual_seed(seed))[:num_lines]
@@ -230,10 +230,11 @@ def main(argv=None):
     p.add_argument("--train", default="", help="training text for the copy check (default: the checkpoint's corpus, if found)")
     p.add_argument("--num-lines", type=int, default=200, help="held-out lines to use (a fixed-seed choice)")
     p.add_argument("--num-samples", type=int, default=200, help="unconditional samples")
-    p.add_argument("--steps", type=int, default=20, help="denoising steps for infilling and samples")
-    p.add_argument("--sampler", default="ddpm", help=f"update rule, one of {', '.join(SAMPLERS)}")
-    p.add_argument("--spacing", default="quadratic", help=f"where the steps fall in t, one of {', '.join(SPACINGS)}")
-    p.add_argument("--temperature", type=float, default=0.9, help="softmax temperature of the sampler's interpolation")
+    p.add_argument("--steps", type=int, default=DiffusionConfig.steps, help="denoising steps for infilling and samples")
+    p.add_argument("--sampler", default=DiffusionConfig.sampler, help=f"update rule, one of {', '.join(SAMPLERS)}")
+    p.add_argument("--spacing", default=DiffusionConfig.spacing, help=f"where the steps fall in t, one of {', '.join(SPACINGS)}")
+    p.add_argument("--temperature", type=float, default=DiffusionConfig.temperature,
+                   help="softmax temperature of the sampler's interpolation")
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance weight for infilling (1: none)")
     p.add_argument("--seed", type=int, default=0, help="seed of every draw: the same seed gives the same numbers")
     p.add_argument("--batch-size", type=int, default=64, help="lines or samples a batch")

@@ -23,7 +23,8 @@ import checkpoint
 from data import Batches, Corpus, UserError, read_lines, split_valid
 from model import PRESETS, FeedForward, ModelConfig, get_preset
 from tokenizer import BOS, Tokenizer
-from train import TrainConfig, autocast, check_writable, lr_at, pick_device, use_bf16
+from device import autocast, pick_device, use_bf16
+from train import TrainConfig, check_writable, lr_at
 
 
 class CausalBlock(nn.Module):

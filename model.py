@@ -182,7 +182,8 @@ class Denoiser(nn.Module):
         (rows, V) logits stay small: on a CPU, allocating the whole (B, L, V) tensor costs more
         than the matmul."""
         x = x0_hat.reshape(-1, x0_hat.shape[-1]).float()  # (N, E)
-        w, emb = self.readout().float() / temperature, self.embeddings().float()  # (V, E)
+        emb = self.embeddings().float()  # (V, E), normalised once
+        w = emb * (self.log_logit_scale.exp() / temperature)  # (V, E): readout() / temperature
         out, tokens = torch.empty_like(x), torch.empty(len(x), dtype=torch.long, device=x.device)
         for rows in row_chunks(len(x), len(w)):
             logits = x[rows] @ w.t()  # (n, V)

@@ -17,6 +17,7 @@ import sys
 import torch
 
 import checkpoint
+from device import pick_device
 from data import UserError
 from diffusion import SAMPLERS, SPACINGS
 from tokenizer import EOS, PAD
@@ -155,7 +156,6 @@ def main():
     if a.template and a.prefix or a.template_file and a.prefix:
         p.error("give templates or a prefix, not both")
     torch.set_num_threads(a.threads or os.cpu_count() or 1)
-    from train import pick_device
     try:
         templates = list(a.template)
         if a.template_file:

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 import checkpoint
 from data import Batches, Corpus, UserError, mask_mixture, read_lines, split_valid
+from device import PRECISIONS, autocast, pick_device, use_bf16
 from diffusion import SAMPLERS, SCHEDULES, Diffusion, DiffusionConfig
 from model import BACKBONES, PRESETS, build_model, get_preset
 from sample import generate
@@ -72,53 +73,6 @@ def lr_at(cfg: TrainConfig, step: int, progress: float) -> float:
     warm = min(1.0, (step + 1) / max(1, cfg.warmup))
     decay = cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return cfg.lr * warm * decay
-
-
-def pick_device(name: str) -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def bf16_matmul_speedup(n: int = 256, repeats: int = 5) -> float:
-    """How many times faster an n x n matmul runs in bfloat16 than in float32 on this CPU (best of
-    `repeats`). Above 1 on CPUs with AVX512-BF16 or AMX; far below 1 elsewhere, where bf16 is emulated."""
-    a = torch.randn(n, n)
-
-    def best(x):
-        times = []
-        for _ in range(repeats + 1):  # the first run is a warm-up
-            t0 = time.perf_counter()
-            x @ x
-            times.append(time.perf_counter() - t0)
-        return min(times[1:])
-
-    return best(a) / best(a.bfloat16())
-
-
-def use_bf16(device, precision: str) -> bool:
-    """Whether to train under bf16 autocast: 'fp32' never, 'bf16' always, 'auto' on CUDA GPUs that
-    support it and on CPUs where a bf16 matmul measures at least 1.2x faster than float32. Measured,
-    not assumed: on a CPU without bf16 instructions it is many times slower."""
-    if precision not in ("auto", "fp32", "bf16"):
-        raise ValueError(f"unknown precision {precision!r}; choose from auto, fp32, bf16")
-    if precision != "auto":
-        return precision == "bf16"
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and bf16_matmul_speedup() >= 1.2
-
-
-def autocast(device, bf16: bool):
-    """bf16 autocast when `bf16`, else full precision. The loss's read-out always runs in float32.
-    Other devices (Apple's MPS) run in full precision: older torch has no autocast for them."""
-    if device.type not in ("cuda", "cpu"):
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
 @torch.no_grad()
@@ -454,7 +408,7 @@ def parse_args(argv=None) -> TrainConfig:
     p.add_argument("--seed", type=int, default=d.seed, help="seed for initialisation, data order and noise")
     p.add_argument("--device", default=d.device, help="auto, cpu, cuda or mps")
     p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (0: one per core)")
-    p.add_argument("--precision", default=d.precision, choices=("auto", "fp32", "bf16"),
+    p.add_argument("--precision", default=d.precision, choices=PRECISIONS,
                    help="bf16 autocast or float32; auto: bf16 on CUDA and on CPUs where it measures faster")
     p.add_argument("--compile", action="store_true", help="torch.compile the network (pays on GPUs; see README)")
     a = p.parse_args(argv)

@@ -1,0 +1,65 @@
+"""Where the arithmetic runs and in which precision: shared by train.py, judge.py, sample.py,
+evaluate.py and bench.py."""
+import contextlib
+import time
+
+import torch
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def pick_device(name: str) -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def bf16_matmul_speedup(n: int = 256, repeats: int = 5) -> float:
+    """How many times faster an n x n matmul runs in bfloat16 than in float32 on this CPU (best of
+    `repeats`). Above 1 on CPUs with AVX512-BF16 or AMX; far below 1 elsewhere, where bf16 is emulated."""
+    a = torch.randn(n, n)
+
+    def best(x):
+        times = []
+        for _ in range(repeats + 1):  # the first run is a warm-up
+            t0 = time.perf_counter()
+            x @ x
+            times.append(time.perf_counter() - t0)
+        return min(times[1:])
+
+    return best(a) / best(a.bfloat16())
+
+
+def use_bf16(device, precision: str) -> bool:
+    """Whether to train under bf16 autocast: 'fp32' never, 'bf16' always, 'auto' on CUDA GPUs that
+    support it and on CPUs where a bf16 matmul measures at least 1.2x faster than float32. Measured,
+    not assumed: on a CPU without bf16 instructions it is many times slower."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+    if precision != "auto":
+        return precision == "bf16"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and cpu_may_have_bf16() and bf16_matmul_speedup() >= 1.2
+
+
+def cpu_may_have_bf16() -> bool:
+    """False when Linux says the CPU has no bf16 instructions (avx512_bf16, amx_bf16, Arm's bf16):
+    then bf16 is emulated and slow, and timing it would only delay the start. True where unknown."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "bf16" in f.read()
+    except OSError:
+        return True
+
+
+def autocast(device, bf16: bool):
+    """bf16 autocast when `bf16`, else full precision. The loss's read-out always runs in float32.
+    Other devices (Apple's MPS) run in full precision: older torch has no autocast for them."""
+    if device.type not in ("cuda", "cpu"):
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)

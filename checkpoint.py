@@ -70,7 +70,7 @@ def load(path: str, map_location="cpu") -> dict:
 
 # Settings added to the configs after checkpoints of this version were first written, with the value
 # that reproduces what those checkpoints did. Any other missing key is an error.
-ADDED_LATER = {"backbone": "estimator", "spacing": "uniform", "temperature": 1.0}
+ADDED_LATER = {"backbone": "estimator", "spacing": "uniform", "temperature": 1.0, "snap": 0.0}
 
 
 def config_from(cls, d: dict, what: str):
@@ -83,8 +83,9 @@ def config_from(cls, d: dict, what: str):
     return cls(**d)
 
 
-def build(ckpt: dict, device="cpu"):
-    """Tokenizer, model (weights loaded, strict) and Diffusion from a checkpoint alone."""
+def build(ckpt: dict, device="cpu", ema=True):
+    """Tokenizer, model (weights loaded, strict) and Diffusion from a checkpoint alone. The weights
+    are the moving average, where training kept one and `ema` is True, else the trained ones."""
     missing = [k for k in ("tokenizer", "model_config", "diffusion_config", "model") if k not in ckpt]
     if ckpt.get("kind", "diffusion") != "diffusion" or missing:
         raise UserError(f"not a checkpoint written by train.py ({ckpt.get('kind') or 'missing ' + ', '.join(missing)})")
@@ -100,7 +101,7 @@ def build(ckpt: dict, device="cpu"):
         model = build_model(mcfg)
     except ValueError as e:
         raise UserError(f"checkpoint's model config: {e}") from None
-    load_state(model, ckpt["model"])
+    load_state(model, ckpt["ema"] if ema and "ema" in ckpt else ckpt["model"])
     model.to(device).eval()
     try:
         return tok, model, Diffusion(model, dcfg)

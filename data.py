@@ -80,13 +80,17 @@ class Corpus:
         """hist[n] = number of lines with n tokens (EOS included): the sampler draws lengths from it."""
         return torch.bincount(self.lengths, minlength=self.max_len + 1).tolist()
 
-    def batch(self, indices, gen: torch.Generator | None = None, mask_mode: str = "mixture", mixture=None) -> dict:
+    def batch(self, indices, gen: torch.Generator | None = None, mask_mode: str = "mixture", mixture=None,
+              open_rate: float = 0.0) -> dict:
         """Rows `indices`, padded to the longest of them, with context masks drawn from `mixture`
-        (mask_mode "mixture") or no context at all (mask_mode "none")."""
+        (mask_mode "mixture") or no context at all (mask_mode "none"). With probability
+        `open_rate` (mixture only) the batch teaches gaps of open length instead: see open_gaps."""
         indices = torch.as_tensor(indices)
         lengths = self.lengths[indices]  # (B,)
         L = int(lengths.max())
         ids = self.table[indices, :L]  # (B, L)
+        if mask_mode != "none" and open_rate and torch.rand((), generator=gen).item() < open_rate:
+            return open_gaps(ids, lengths, self.max_len, gen)
         length_mask = torch.arange(L)[None] < lengths[:, None]  # (B, L)
         if mask_mode == "none":
             cond_mask = torch.zeros_like(length_mask)
@@ -137,6 +141,35 @@ def infill_masks(lengths: torch.Tensor, L: int, gen: torch.Generator | None = No
     return chosen & inside & (n >= 2)
 
 
+def widen_gaps(ids, lengths, start, k, extra) -> dict:
+    """Hide tokens start..start+k-1 of each row and put `extra` PAD tokens right after them: the
+    gap, k + extra positions, holds the hidden text then padding. ids (B, L) hold texts of
+    `lengths` (B,) tokens; start, k, extra are (B,). Returns a batch (see the module docstring)
+    whose rows are `extra` tokens longer."""
+    end, n = start + k, lengths + extra  # (B,) end of the hidden text, new lengths
+    pos = torch.arange(int(n.max()))[None]  # (1, L2)
+    src = torch.where(pos < end[:, None], pos, pos - extra[:, None]).clamp(0, ids.shape[1] - 1)  # (B, L2)
+    length_mask = pos < n[:, None]
+    padding = (pos >= end[:, None]) & (pos < (end + extra)[:, None])
+    ids = torch.where(padding | ~length_mask, PAD, ids.gather(1, src))
+    gap = (pos >= start[:, None]) & (pos < (end + extra)[:, None])
+    return {"ids": ids, "length_mask": length_mask, "cond_mask": length_mask & ~gap}
+
+
+def open_gaps(ids, lengths, max_len: int, gen=None) -> dict:
+    """A batch that teaches gaps of open length ([gap:..N] in sample.py): in each row one span of
+    10-90% of the text is hidden and followed by 0 to (max_len - length) PAD tokens, as many as
+    the row has room for, drawn uniformly. The model learns to write the text, then padding, which
+    decoding drops: how much of the gap it uses is its own choice. EOS stays given; a row of one
+    token gets no gap."""
+    u = torch.rand(3, len(lengths), generator=gen)
+    m = lengths - 1  # text tokens, EOS not included
+    k = torch.where(m > 0, ((0.1 + 0.8 * u[0]) * m).round().clamp(min=1), 0).long()
+    start = (u[1] * (m - k + 1)).long()
+    extra = torch.where(m > 0, (u[2] * (max_len - lengths + 1)).long().clamp(max=max_len - lengths), 0)
+    return widen_gaps(ids, lengths, start, k, extra)
+
+
 class Batches:
     """Endless, resumable batches of similar-length rows.
 
@@ -144,8 +177,10 @@ class Batches:
     them into batches and shuffles the batch order. `state()` / `load_state()` give the position,
     so a resumed run sees exactly the batches the uninterrupted run would have seen."""
 
-    def __init__(self, corpus: Corpus, batch_size: int, seed: int = 0, pool: int = 50, mixture: dict | None = None):
+    def __init__(self, corpus: Corpus, batch_size: int, seed: int = 0, pool: int = 50, mixture: dict | None = None,
+                 open_rate: float = 0.0):
         self.corpus, self.batch_size, self.seed, self.pool, self.mixture = corpus, batch_size, seed, pool, mixture
+        self.open_rate = open_rate
         self.epoch, self.pos = 0, 0
         self._order = None
 
@@ -171,7 +206,7 @@ class Batches:
             # the infilling masks of a batch depend only on (seed, epoch, position): exact resume
             g = torch.Generator().manual_seed(self.seed * 7919 + self.epoch * 1_000_003 + self.pos)
             self.pos += 1
-            yield self.corpus.batch(indices, g, mixture=self.mixture)
+            yield self.corpus.batch(indices, g, mixture=self.mixture, open_rate=self.open_rate)
 
     def state(self) -> dict:
         return {"epoch": self.epoch, "pos": self.pos}

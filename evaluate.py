@@ -1,13 +1,16 @@
 """Measure a checkpoint on held-out lines: denoising, infilling, free samples and their cost.
 
     python evaluate.py --ckpt runs/demo/ckpt.pt --valid held_out.txt --judge runs/demo/judge.pt --json eval.json
+    python evaluate.py --compare before.json after.json   # every number of two runs side by side
 
 denoising: mse, ce and accuracy of x̂0 at fixed t, no context. infilling: the real sampler fills one
-hidden span (25-50% of a line) or scattered tokens (15%). samples: unconditional samples beside held-out
-lines: judge perplexity (judge.py), unigram entropy, distinct-2, share copied from training, length.
-cost: seconds and network evaluations per sample. Every draw comes from --seed: a rerun gives the same
-numbers, seconds aside. Compare at equal counts (--num-samples = --num-lines): distinct-n falls as
-texts are added.
+hidden span (25-50% of a line) or scattered tokens (15%). gaps of open length: the same spans, each
+in a gap that takes all the room the model has, so that the model must choose the length: fill
+lengths beside true lengths, and token accuracy on aligned text (edit distance). samples:
+unconditional samples beside held-out lines: judge perplexity (judge.py), unigram entropy,
+distinct-2, share copied from training, length. cost: seconds and network evaluations per sample.
+Every draw comes from --seed: a rerun gives the same numbers, seconds aside. Compare at equal counts
+(--num-samples = --num-lines): distinct-n falls as texts are added.
 """
 import argparse
 import json
@@ -24,7 +27,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 import checkpoint
 from device import pick_device
-from data import Corpus, UserError, read_lines
+from data import Corpus, UserError, read_lines, widen_gaps
 from diffusion import SAMPLERS, SPACINGS, Diffusion, DiffusionConfig, get_sampler, get_spacing
 from judge import diffusion_tokenizer, load_judge, perplexity
 from sample import generate
@@ -60,6 +63,28 @@ def fill_accuracy(pred, target, hidden_mask) -> tuple[float, float]:
 def copied_share(samples, train_set) -> float:
     """Share of samples that are, word for word, a line of the training corpus: memorisation."""
     return sum(s in train_set for s in samples) / len(samples) if samples else 0.0
+
+
+def edit_distance(a, b) -> int:
+    """Levenshtein distance between two sequences: insertions, deletions and substitutions."""
+    row = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, y in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (x != y))
+    return row[-1]
+
+
+def aligned_accuracy(fill, truth) -> float:
+    """1 - edit distance / the longer length: token accuracy when the fill's length may differ."""
+    return 1 - edit_distance(fill, truth) / max(1, len(fill), len(truth))
+
+
+def spread(values) -> dict:
+    """Mean, standard deviation and the 10/25/50/75/90th percentiles of a list of numbers."""
+    q = statistics.quantiles(values, n=20, method="inclusive") if len(values) > 1 else list(values) * 19
+    return {"mean": statistics.fmean(values), "std": statistics.pstdev(values),
+            **{f"p{p}": q[p // 5 - 1] for p in (10, 25, 50, 75, 90)}}
 
 
 def text_tokens(ids) -> list[int]:
@@ -124,7 +149,7 @@ def denoising(diffusion, corpus, times=TIMES, seed=0, batch_size=64) -> dict:
 
 @torch.no_grad()
 def infilling(diffusion, corpus, kind, steps, sampler, seed=0, batch_size=64, spacing=None, guidance=1.0,
-              temperature=None) -> dict:
+              temperature=None, snap=None) -> dict:
     """Hide tokens of each line as `kind` says, fill them with Diffusion.sample, score the fills."""
     device = next(diffusion.model.parameters()).device
     mask_gen = torch.Generator().manual_seed(seed)
@@ -140,14 +165,51 @@ def infilling(diffusion, corpus, kind, steps, sampler, seed=0, batch_size=64, sp
         gen = torch.Generator(device=device).manual_seed(seed * 1000 + i)
         out = diffusion.sample(ids.to(device), b["length_mask"].to(device), (b["length_mask"] & ~h).to(device),
                                steps=steps, sampler=sampler, gen=gen, spacing=spacing, guidance=guidance,
-                               temperature=temperature)
+                               temperature=temperature, snap=snap)
         pred[idx, : out.shape[1]] = out.cpu()
     acc, exact = fill_accuracy(pred, target, hidden)
     return {"acc": acc, "exact": exact, "hidden_share": hidden.sum().item() / (corpus.lengths - 1).sum().item()}
 
 
+@torch.no_grad()
+def open_infilling(diffusion, corpus, steps, sampler, seed=0, batch_size=64, spacing=None, temperature=None,
+                   snap=None) -> dict:
+    """The spans of infilling(kind="span"), hidden in gaps of open length ([gap:..N]): each gap takes
+    all the room the model has, max_len - (n - k) positions for a span of k of a line's n tokens,
+    so nothing gives the span's length away. The model writes text, then padding, which is dropped.
+    Scores: the fills' lengths beside the spans' true lengths, and aligned token accuracy."""
+    device = next(diffusion.model.parameters()).device
+    max_len = diffusion.model.cfg.max_len
+    mask_gen = torch.Generator().manual_seed(seed)
+    hidden = [hide("span", len(ids), mask_gen) for ids in corpus.ids]  # the very spans of infilling()
+    rows = [i for i, h in enumerate(hidden) if h.any()]
+    fills, truths = [], []
+    for i in range(0, len(rows), batch_size):
+        idx = rows[i: i + batch_size]
+        b = corpus.batch(idx, mask_mode="none")
+        start = torch.tensor([int(hidden[j].nonzero()[0]) for j in idx])
+        k = torch.tensor([int(hidden[j].sum()) for j in idx])
+        lengths = corpus.lengths[idx]
+        w = widen_gaps(b["ids"], lengths, start, k, max_len - lengths)  # every row max_len long
+        gap = w["length_mask"] & ~w["cond_mask"]
+        ids = torch.where(gap, PAD, w["ids"])  # the hidden tokens never reach the sampler
+        gen = torch.Generator(device=device).manual_seed(seed * 1000 + i)
+        out = diffusion.sample(ids.to(device), w["length_mask"].to(device), w["cond_mask"].to(device), steps=steps,
+                               sampler=sampler, gen=gen, spacing=spacing, temperature=temperature,
+                               pad_ok=gap.to(device), snap=snap).cpu()
+        for r, j in enumerate(idx):
+            fills.append(text_tokens(out[r][gap[r]]))
+            truths.append(corpus.ids[j][int(start[r]): int(start[r] + k[r])])
+    fill_len, true_len = [len(f) for f in fills], [len(t) for t in truths]
+    return {"fill_length": spread(fill_len), "true_length": spread(true_len),
+            "length_mad": statistics.fmean(abs(a - b) for a, b in zip(fill_len, true_len)),
+            "length_corr": statistics.correlation(fill_len, true_len) if len(set(fill_len)) > 1 else 0.0,
+            "aligned_acc": statistics.fmean(aligned_accuracy(f, t) for f, t in zip(fills, truths)),
+            "exact": statistics.fmean(f == t for f, t in zip(fills, truths)), "lines": len(rows)}
+
+
 def unconditional(diffusion, tok, num_samples, steps, sampler, seed, length_hist, batch_size, spacing=None,
-                  temperature=None):
+                  temperature=None, snap=None):
     """K samples from sample.generate: (texts, their tokens as the model wrote them, seconds)."""
     final = []
 
@@ -158,7 +220,7 @@ def unconditional(diffusion, tok, num_samples, steps, sampler, seed, length_hist
     start = time.perf_counter()
     texts = generate(diffusion, tok, num_samples=num_samples, steps=steps, sampler=sampler, seed=seed,
                      lengths_from=length_hist, batch_size=batch_size, on_step=keep_last, spacing=spacing,
-                     temperature=temperature)
+                     temperature=temperature, snap=snap)
     return texts, final, time.perf_counter() - start
 
 
@@ -173,7 +235,8 @@ def text_stats(texts, tokens, judge, tok, train_set) -> dict:
 
 def evaluate(diffusion, tok, valid_lines, judge=None, train_lines=None, length_hist=None, num_lines=200,
              num_samples=200, steps=DiffusionConfig.steps, sampler=DiffusionConfig.sampler, seed=0, batch_size=64,
-             spacing=DiffusionConfig.spacing, guidance=1.0, temperature=DiffusionConfig.temperature) -> dict:
+             spacing=DiffusionConfig.spacing, guidance=1.0, temperature=DiffusionConfig.temperature,
+             snap=DiffusionConfig.snap) -> dict:
     """All sections as a dict of plain values (the JSON)."""
     max_len = diffusion.model.cfg.max_len
     pick = torch.randperm(len(valid_lines), generator=torch.Generator().manual_seed(seed))[:num_lines]
@@ -184,13 +247,14 @@ def evaluate(diffusion, tok, valid_lines, judge=None, train_lines=None, length_h
     if train_lines:
         train_set = {" ".join(tok.decode(ids).split()) for ids in Corpus(train_lines, tok, max_len).ids}
     r = {"settings": {"num_lines": len(lines), "num_samples": num_samples, "steps": steps, "sampler": sampler,
-                      "spacing": spacing, "guidance": guidance, "temperature": temperature, "seed": seed, "judge": judge is not None,
+                      "spacing": spacing, "guidance": guidance, "temperature": temperature, "snap": snap, "seed": seed, "judge": judge is not None,
                       "train": train_set is not None}}
     r["denoising"] = denoising(diffusion, corpus, TIMES, seed, batch_size)
     r["infilling"] = {kind: infilling(diffusion, corpus, kind, steps, sampler, seed, batch_size, spacing, guidance,
-                                      temperature) for kind in HIDE}
+                                      temperature, snap) for kind in HIDE}
+    r["open_gaps"] = open_infilling(diffusion, corpus, steps, sampler, seed, batch_size, spacing, temperature, snap)
     texts, tokens, seconds = unconditional(diffusion, tok, num_samples, steps, sampler, seed, length_hist, batch_size,
-                                           spacing, temperature)
+                                           spacing, temperature, snap)
     r["samples"] = text_stats(texts, tokens, judge, tok, train_set)
     r["held_out"] = text_stats([tok.decode(ids) for ids in corpus.ids], [text_tokens(ids) for ids in corpus.ids],
                                judge, tok, train_set)
@@ -210,6 +274,14 @@ def table(r) -> str:
             row("", "token acc", "exact lines")]
     for kind, label in (("span", "one span, 25-50% hidden"), ("scattered", "scattered, 15% hidden")):
         out.append(row(label, *(f"{r['infilling'][kind][k]:.3f}" for k in ("acc", "exact"))))
+    o = r["open_gaps"]
+    out += [f"gaps of open length: the same spans, each in a gap of all the room left ({o['lines']} lines)",
+            row("", "fills", "hidden spans")]
+    for key in ("mean", "std", "p10", "p25", "p50", "p75", "p90"):
+        out.append(row(f"length {key} (tokens)", *(f"{o[k][key]:.2f}" for k in ("fill_length", "true_length"))))
+    out += [row("length: mean absolute difference", f"{o['length_mad']:.2f}"),
+            row("length: correlation", f"{o['length_corr']:.3f}"),
+            row("aligned token accuracy", f"{o['aligned_acc']:.3f}"), row("exact fills", f"{o['exact']:.3f}")]
     out += [f"samples: {s['num_samples']} unconditional ({s['steps']} {s['sampler']} steps, {s['spacing']} spacing), "
             "beside the held-out lines", row("", "samples", "held-out")]
     for key, label, spec in (("judge_ppl", "judge perplexity", ".2f"), ("entropy", "unigram entropy (nats)", ".3f"),
@@ -221,11 +293,44 @@ def table(r) -> str:
     return "\n".join(out)
 
 
+def numbers(r) -> list:
+    """(name, value, goal, reference) for every number of a result: goal "low", "high" or "near"
+    (the reference: the held-out lines' own value)."""
+    out = [(f"denoising t={t} {k}", v[k], "high" if k == "acc" else "low", None)
+           for t, v in r["denoising"].items() for k in ("mse", "ce", "acc")]
+    out += [(f"infilling {kind} {k}", v[k], "high", None) for kind, v in r["infilling"].items() for k in ("acc", "exact")]
+    if "open_gaps" in r:
+        o = r["open_gaps"]
+        out += [("open gaps length mad", o["length_mad"], "low", None), ("open gaps length corr", o["length_corr"], "high", None),
+                ("open gaps aligned acc", o["aligned_acc"], "high", None), ("open gaps exact", o["exact"], "high", None)]
+    for k in ("judge_ppl", "entropy", "distinct_2", "copied", "length_mean", "length_std"):
+        if r["samples"][k] is not None:
+            goal = {"judge_ppl": "low", "copied": "low"}.get(k, "near")
+            out.append((f"samples {k}", r["samples"][k], goal, r["held_out"][k]))
+    out += [(f"cost {k}", r["cost"][k], "low", None) for k in ("seconds_per_sample", "evals_per_sample")]
+    return out
+
+
+def compare(before, after, tolerance=5e-4) -> str:
+    """Every number of two results (evaluate.py --json) side by side, marked better or worse: closer
+    to the held-out lines' value where that is the goal. Differences within `tolerance` are even."""
+    rows, theirs = [], {name: v for name, v, _, _ in numbers(after)}
+    for name, b, goal, ref in numbers(before):
+        if name not in theirs:
+            continue
+        a = theirs[name]
+        gain = {"low": b - a, "high": a - b}.get(goal, abs(b - (ref or 0)) - abs(a - (ref or 0)))
+        verdict = "even" if abs(gain) <= tolerance * max(1.0, abs(b)) else "better" if gain > 0 else "WORSE"
+        rows.append(f"  {name:<40}{b:>12.4g}{a:>12.4g}  {verdict}")
+    return "\n".join([f"  {'':<40}{'before':>12}{'after':>12}"] + rows)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.error = lambda message: sys.exit(f"error: {message}")  # one line, no usage dump
-    p.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
-    p.add_argument("--valid", required=True, help="held-out text, one example a line, never trained on")
+    p.add_argument("--ckpt", help="checkpoint written by train.py")
+    p.add_argument("--valid", help="held-out text, one example a line, never trained on")
+    p.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"), help="print two --json results side by side, and stop")
     p.add_argument("--judge", default="", help="judge written by judge.py for this checkpoint: adds perplexities")
     p.add_argument("--train", default="", help="training text for the copy check (default: the checkpoint's corpus, if found)")
     p.add_argument("--num-lines", type=int, default=200, help="held-out lines to use (a fixed-seed choice)")
@@ -236,12 +341,26 @@ def main(argv=None):
     p.add_argument("--temperature", type=float, default=DiffusionConfig.temperature,
                    help="softmax temperature of the sampler's interpolation")
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance weight for infilling (1: none)")
+    p.add_argument("--snap", type=float, default=DiffusionConfig.snap, help="below this t, step with the likeliest token's embedding")
     p.add_argument("--seed", type=int, default=0, help="seed of every draw: the same seed gives the same numbers")
     p.add_argument("--batch-size", type=int, default=64, help="lines or samples a batch")
     p.add_argument("--json", default="", help="also write the results to this file")
+    p.add_argument("--no-ema", action="store_true", help="use the trained weights, not their moving average")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: one per core)")
     a = p.parse_args(argv)
+    if a.compare:
+        try:
+            results = []
+            for path in a.compare:
+                with open(path) as f:
+                    results.append(json.load(f))
+            print(compare(*results))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            sys.exit(f"error: --compare: {e}")
+        return
+    if not a.ckpt or not a.valid:
+        p.error("give --ckpt and --valid (or --compare BEFORE AFTER)")
     if min(a.num_lines, a.num_samples, a.steps, a.batch_size) < 1 or a.threads < 0 or not a.temperature > 0:
         p.error("--num-lines, --num-samples, --steps and --batch-size must be at least 1; --threads not negative; --temperature positive")
     torch.set_num_threads(a.threads or os.cpu_count() or 1)
@@ -252,7 +371,7 @@ def main(argv=None):
     try:
         ckpt = checkpoint.load(a.ckpt)
         diffusion_tokenizer(ckpt, a.ckpt)  # a judge or a foreign file given as --ckpt: a clear error
-        tok, _, diffusion = checkpoint.build(ckpt, pick_device(a.device))
+        tok, _, diffusion = checkpoint.build(ckpt, pick_device(a.device), ema=not a.no_ema)
         valid_lines = read_lines(a.valid)
         judge = None
         if a.judge:
@@ -262,7 +381,8 @@ def main(argv=None):
         if a.json and not os.path.isdir(os.path.dirname(os.path.abspath(a.json))):
             raise UserError(f"--json {a.json}: no such folder")
         r = evaluate(diffusion, tok, valid_lines, judge, train_lines, ckpt.get("length_hist"), a.num_lines,
-                     a.num_samples, a.steps, a.sampler, a.seed, a.batch_size, a.spacing, a.guidance, a.temperature)
+                     a.num_samples, a.steps, a.sampler, a.seed, a.batch_size, a.spacing, a.guidance, a.temperature,
+                     a.snap)
     except UserError as e:
         sys.exit(f"error: {e}")
     r["settings"].update(checkpoint_step=ckpt.get("step"), train_file=train_path if train_lines else None)

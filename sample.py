@@ -4,7 +4,9 @@
     python sample.py --ckpt runs/demo/ckpt.pt --template "The [gap] is a pub near [gap:3]."
     python sample.py --ckpt runs/demo/ckpt.pt --prefix "The Eagle is" --show-steps
 
-Template syntax: `[gap]` is a gap of --gap-length tokens (default 6), `[gap:N]` one of N tokens.
+Template syntax: `[gap]` is a gap of --gap-length tokens (default 6), `[gap:N]` one of exactly N
+tokens, `[gap:..N]` one of up to N tokens: the model chooses how many (checkpoints trained with
+--open-rate above 0 have learnt to; older ones fill all N).
 The text around the gaps is kept word for word (runs of spaces become one); the text ends where the
 template ends. A gap's fill is whole words: it never glues onto the word before it. A prefix is
 continued as the template "PREFIX [gap:N]", N drawn from the training lengths. One result a line.
@@ -26,25 +28,31 @@ GAP = re.compile(r"\[gap(?::([^\]]*))?\]")
 
 
 def parse_template(template: str, tok, max_len: int, gap_length: int = 6):
-    """Template -> (ids, cond, gaps): token ids and a context flag for each position, EOS included,
-    and the (start, end) positions of each gap. Gap positions hold PAD in `ids`, False in `cond`."""
-    ids, cond, pos, gaps = [], [], 0, []
+    """Template -> (ids, cond, gaps, pad_ok): token ids and a context flag for each position, EOS
+    included, the (start, end) positions of each gap, and a flag for each position that is True
+    inside gaps of open length ([gap:..N]), where the model may write padding. Gap positions hold
+    PAD in `ids`, False in `cond`."""
+    ids, cond, pos, gaps, pad_ok = [], [], 0, [], []
     for m in GAP.finditer(template):
         text = template[pos: m.start()].strip()
         if text:
             piece = tok.encode(text)
             ids += piece
             cond += [True] * len(piece)
-        n = m.group(1)
+            pad_ok += [False] * len(piece)
+        n, up_to = m.group(1), False
         if n is None:
             n = gap_length
-        elif not re.fullmatch(r"[0-9]+", n.strip()) or int(n) < 1:
-            raise UserError(f"bad gap {m.group(0)!r} in template: write [gap] or [gap:N] with N a whole number from 1")
-        elif int(n) > max_len:
+        elif not re.fullmatch(r"(\.\.)?[0-9]+", n.strip()) or int(n.strip().lstrip(".")) < 1:
+            raise UserError(f"bad gap {m.group(0)!r} in template: write [gap], [gap:N] or [gap:..N] with N a whole number from 1")
+        else:
+            up_to, n = n.strip().startswith(".."), n.strip().lstrip(".")
+        if int(n) > max_len:
             raise UserError(f"gap {m.group(0)!r} is longer than the model takes: at most {max_len} tokens")
         gaps.append((len(ids), len(ids) + int(n)))
         ids += [PAD] * int(n)
         cond += [False] * int(n)
+        pad_ok += [up_to] * int(n)
         pos = m.end()
     if not gaps:
         raise UserError(f"template {template[:60]!r} has no gap: mark where text goes with [gap] or [gap:N]")
@@ -53,18 +61,21 @@ def parse_template(template: str, tok, max_len: int, gap_length: int = 6):
         piece = tok.encode(text)
         ids += piece
         cond += [True] * len(piece)
+        pad_ok += [False] * len(piece)
     ids.append(EOS)
     cond.append(True)
+    pad_ok.append(False)
     if len(ids) > max_len:
         raise UserError(f"template needs {len(ids)} tokens (EOS included) but the model takes at most {max_len}; "
                         f"shorten it or its gaps")
-    return ids, cond, gaps
+    return ids, cond, gaps, pad_ok
 
 
 def fill_template(template: str, tok, ids, gaps) -> str:
     """The template with each gap replaced by the decoded tokens the model put there. Each fill is
-    decoded on its own, so it cannot glue onto the words around it; the template's own spacing
-    stays, and the spaces around an empty fill become one."""
+    decoded on its own, so it cannot glue onto the words around it (and drops the padding of a
+    gap of open length); the template's own spacing stays, and the spaces around an empty fill
+    become one."""
     fills = iter([tok.decode(ids[a:b]) for a, b in gaps])
     return " ".join(GAP.sub(lambda m: next(fills), template).split())
 
@@ -80,7 +91,7 @@ def draw_lengths(n, hist, gen, min_len=1):
 
 def generate(diffusion, tok, templates=None, prefix=None, num_samples=1, steps=None, sampler=None, seed=0,
              length=None, lengths_from=None, gap_length=6, batch_size=64, on_step=None, spacing=None,
-             guidance=1.0, temperature=None) -> list[str]:
+             guidance=1.0, temperature=None, snap=None) -> list[str]:
     """Sample texts; the Python face of this script.
 
     templates: list of template strings -> num_samples fills of each, template after template
@@ -88,7 +99,7 @@ def generate(diffusion, tok, templates=None, prefix=None, num_samples=1, steps=N
     neither:   num_samples unconditional texts
     Lengths (in tokens, EOS included) are `length` if given, else drawn from `lengths_from`, the
     training corpus's length histogram that every checkpoint carries. steps, sampler, spacing,
-    guidance and temperature are those of Diffusion.sample."""
+    guidance, temperature and snap are those of Diffusion.sample."""
     model = diffusion.model
     max_len = model.cfg.max_len
     device = next(model.parameters()).device
@@ -113,14 +124,15 @@ def generate(diffusion, tok, templates=None, prefix=None, num_samples=1, steps=N
         L = max(len(r[0]) for r in chunk)
         ids = torch.full((len(chunk), L), PAD, dtype=torch.long)
         cond = torch.zeros(len(chunk), L, dtype=torch.bool)
-        length_mask = torch.zeros(len(chunk), L, dtype=torch.bool)
-        for b, (r, c, _) in enumerate(chunk):
+        length_mask, pad_ok = torch.zeros(len(chunk), L, dtype=torch.bool), torch.zeros(len(chunk), L, dtype=torch.bool)
+        for b, (r, c, _, o) in enumerate(chunk):
             ids[b, : len(r)], cond[b, : len(c)], length_mask[b, : len(r)] = torch.tensor(r), torch.tensor(c), True
+            pad_ok[b, : len(o)] = torch.tensor(o)
         noise_gen = torch.Generator(device=device).manual_seed(seed + i)
         out = diffusion.sample(ids.to(device), length_mask.to(device), cond.to(device), steps=steps,
                                sampler=sampler, gen=noise_gen, on_step=on_step, spacing=spacing, guidance=guidance,
-                               temperature=temperature)
-        texts += [fill_template(t, tok, row, gaps) for t, row, (_, _, gaps)
+                               temperature=temperature, pad_ok=pad_ok.to(device), snap=snap)
+        texts += [fill_template(t, tok, row, gaps) for t, row, (_, _, gaps, _)
                   in zip(templates[i: i + batch_size], out.tolist(), chunk)]
     return texts
 
@@ -137,11 +149,13 @@ def main():
     p.add_argument("--sampler", default="", help=f"update rule, one of {', '.join(SAMPLERS)}; default: the checkpoint's")
     p.add_argument("--spacing", default="", help=f"where the steps fall in t, one of {', '.join(SPACINGS)}; default: the checkpoint's")
     p.add_argument("--temperature", type=float, help="softmax temperature of the interpolation; below 1 commits sooner (default: the checkpoint's)")
+    p.add_argument("--snap", type=float, help="below this t, step with the likeliest token's embedding (default: the checkpoint's)")
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance weight: 1 plain, 0 ignores the template's words, >1 follows them harder")
     p.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same output")
     p.add_argument("--length", type=int, help="tokens per text, EOS included (default: drawn from the training lengths)")
     p.add_argument("--gap-length", type=int, default=6, help="tokens in a [gap] without a number")
     p.add_argument("--show-steps", action="store_true", help="print the text decoded at intermediate steps")
+    p.add_argument("--no-ema", action="store_true", help="use the trained weights, not their moving average")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: one per core)")
     a = p.parse_args()
@@ -162,8 +176,11 @@ def main():
             from data import read_lines
             templates += read_lines(a.template_file)
         ckpt = checkpoint.load(a.ckpt)
-        tok, model, diffusion = checkpoint.build(ckpt, pick_device(a.device))
+        tok, model, diffusion = checkpoint.build(ckpt, pick_device(a.device), ema=not a.no_ema)
         steps = a.steps or diffusion.cfg.steps
+        if any(re.search(r"\[gap:\s*\.\.", t) for t in templates) and not ckpt.get("train_config", {}).get("open_rate"):
+            print("note: this checkpoint was trained without --open-rate, so it has not learnt to leave part of a "
+                  "[gap:..N] empty: it will fill all N positions", file=sys.stderr)
         on_step = None
         if a.show_steps:
             every = max(1, steps // 10)
@@ -175,7 +192,7 @@ def main():
         texts = generate(diffusion, tok, templates=templates, prefix=a.prefix, num_samples=a.num_samples,
                          steps=steps, sampler=a.sampler or None, seed=a.seed, length=a.length,
                          lengths_from=ckpt.get("length_hist"), gap_length=a.gap_length, on_step=on_step,
-                         spacing=a.spacing or None, guidance=a.guidance, temperature=a.temperature)
+                         spacing=a.spacing or None, guidance=a.guidance, temperature=a.temperature, snap=a.snap)
     except UserError as e:
         sys.exit(f"error: {e}")
     except ValueError as e:  # an unknown sampler or spacing name

@@ -25,7 +25,7 @@ from tqdm import tqdm
 import checkpoint
 from data import Batches, Corpus, UserError, mask_mixture, read_lines, split_valid
 from device import PRECISIONS, autocast, pick_device, use_bf16
-from diffusion import SAMPLERS, SCHEDULES, Diffusion, DiffusionConfig
+from diffusion import SAMPLERS, SCHEDULES, Diffusion, DiffusionConfig, TimeWarp
 from model import BACKBONES, PRESETS, build_model, get_preset
 from sample import generate
 from tokenizer import Tokenizer, train_tokenizer
@@ -59,11 +59,20 @@ class TrainConfig:
     schedule: str = "cosine"
     sampler: str = "ddpm"      # the checkpoint's default sampler
     uncond_rate: float = 0.3   # share of rows trained with no context (unconditional; guidance needs it)
+    time_draw: str = "warped"  # how t is drawn for each row: uniform, stratified or warped (TimeWarp)
+    warp_floor: float = 0.2    # share of the warped draws that stay uniform
+    self_cond_rate: float = 0.5
+    embed_dim: int = 0         # 0: the preset's
+    open_rate: float = 0.0     # share of batches that teach gaps of open length ([gap:..N]); they cost time
+    ema: float = 0.0           # decay of a moving average of the weights for sampling (0: none)
     seed: int = 0
     device: str = "auto"
     threads: int = 0
     precision: str = "auto"    # auto, fp32 or bf16 (autocast); see use_bf16
     compile: bool = False      # torch.compile the network
+
+
+TIME_DRAWS = ("uniform", "stratified", "warped")
 
 
 def lr_at(cfg: TrainConfig, step: int, progress: float) -> float:
@@ -173,11 +182,12 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
     if resume is not None:
         # settings that define the model, the noise or the data: a resumed run must keep them
         before = resume.get("train_config", {})
-        for key in ("preset", "max_len", "backbone", "schedule", "noise_scale", "uncond_rate", "sampler"):
+        for key in ("preset", "max_len", "embed_dim", "backbone", "schedule", "noise_scale", "uncond_rate", "sampler",
+                    "self_cond_rate"):
             if key in before and before[key] != getattr(cfg, key):
                 raise UserError(f"{ckpt_path} was trained with --{key.replace('_', '-')} {before[key]}; resuming "
                                 f"with {getattr(cfg, key)} would not continue that run: use the same value or another --out")
-        tok, model, diffusion = checkpoint.build(resume, device)
+        tok, model, diffusion = checkpoint.build(resume, device, ema=False)  # train on the trained weights
         if cfg.tokenizer and Tokenizer.load(cfg.tokenizer).model_bytes != tok.model_bytes:
             raise UserError(f"{ckpt_path} was trained with another tokenizer than {cfg.tokenizer}; use another --out")
         mcfg, dcfg = model.cfg, diffusion.cfg
@@ -187,8 +197,11 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
         mcfg.vocab_size = tok.vocab_size
         if cfg.max_len:
             mcfg.max_len = cfg.max_len
+        if cfg.embed_dim:
+            mcfg.embed_dim = cfg.embed_dim
         mcfg.backbone = cfg.backbone
-        dcfg = DiffusionConfig(noise_scale=cfg.noise_scale, schedule=cfg.schedule, sampler=cfg.sampler)
+        dcfg = DiffusionConfig(noise_scale=cfg.noise_scale, schedule=cfg.schedule, sampler=cfg.sampler,
+                               self_cond_rate=cfg.self_cond_rate)
         try:
             model = build_model(mcfg).to(device)
         except ValueError as e:
@@ -216,9 +229,16 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
     no_decay = [p for p in params if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.99))
-    batches = Batches(corpus, cfg.batch_size, seed=cfg.seed, mixture=mask_mixture(cfg.uncond_rate))
+    batches = Batches(corpus, cfg.batch_size, seed=cfg.seed, mixture=mask_mixture(cfg.uncond_rate), open_rate=cfg.open_rate)
+    warp = TimeWarp(floor=cfg.warp_floor) if cfg.time_draw != "uniform" else None
     step, elapsed_before = 0, 0.0
+    # An exponential moving average of the weights (float32, buffers copied): what samples are drawn with
+    ema = {k: v.detach().float().clone() for k, v in model.state_dict().items()} if cfg.ema else None
     if resume is not None:
+        if ema is not None and "ema" in resume:
+            ema = {k: v.to(device) for k, v in resume["ema"].items()}
+        if warp is not None and "time_warp" in resume:
+            warp.loss = resume["time_warp"].clone()
         opt.load_state_dict(resume["optimizer"])
         batches.load_state(resume["batches"])
         step, elapsed_before = resume["step"], resume["elapsed"]
@@ -239,6 +259,8 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
                             elapsed=elapsed_before + time.time() - start, batches=batches.state(),
                             rng={"cpu": torch.get_rng_state()}, tokenizer=tok.model_bytes,
                             length_hist=corpus.length_histogram(), train_config=asdict(cfg),
+                            **({"ema": ema} if ema is not None else {}),
+                            **({"time_warp": warp.loss} if warp is not None else {}),
                             **checkpoint.configs(mcfg, dcfg))
 
     def progress():
@@ -263,10 +285,12 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
         lr = lr_at(cfg, step, p)
         for g in opt.param_groups:
             g["lr"] = lr
-        parts = train_step(diffusion, next(it), cfg, step, rank, world, device, bf16)
+        parts = train_step(diffusion, next(it), cfg, step, rank, world, device, bf16, warp)
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if ema is not None:
+            update_ema(ema, model, min(cfg.ema, (1 + step) / (10 + step)))
         step += 1
         if cfg.check_sync and world > 1:
             check_in_sync(params, world)
@@ -303,20 +327,22 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
     return logged
 
 
-def train_step(diffusion, batch, cfg, step, rank, world, device, bf16=False) -> dict:
+def train_step(diffusion, batch, cfg, step, rank, world, device, bf16=False, warp=None) -> dict:
     """Forward and backward for one global batch, of which this process takes every world-th row,
     in cfg.grad_accum pieces. The noise is drawn for the whole batch from (seed, step), then sliced,
-    so each row gets the same noise whatever the number of processes."""
+    so each row gets the same noise whatever the number of processes. With a TimeWarp, t is drawn
+    from it, and the cross-entropy of each bin of t, summed over all processes, updates it."""
     ids, length_mask, cond_mask = batch["ids"], batch["length_mask"], batch["cond_mask"]
     B, L = ids.shape
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-    t = torch.rand(B, generator=g)  # (B,)
+    # (B,): independent uniform draws, or stratified ones, warped or not
+    t = torch.rand(B, generator=g) if warp is None else warp.draw(B, g, warped=cfg.time_draw == "warped")
     eps = torch.randn(B, L, diffusion.model.cfg.embed_dim, generator=g)  # (B, L, E)
     self_cond = torch.rand((), generator=g).item() < diffusion.cfg.self_cond_rate
     # the average over all target positions of the global batch, whatever the split
     denom = (length_mask & ~cond_mask).sum().clamp(min=1).float() / world
     rows = torch.arange(B)[rank::world].chunk(cfg.grad_accum)
-    sums = {}
+    sums, warp_sums = {}, torch.zeros(2, len(warp.loss)) if warp is not None else None
     for i, r in enumerate(rows):
         last = i == len(rows) - 1
         sync = contextlib.nullcontext() if last or world == 1 else diffusion.net.no_sync()
@@ -328,10 +354,28 @@ def train_step(diffusion, batch, cfg, step, rank, world, device, bf16=False) -> 
                                        t=t[r].to(device), eps=eps[r].to(device), self_cond=self_cond,
                                        denom=denom.to(device), target_index=target_index.to(device))
             parts["loss"].backward()
+        ce_each = parts.pop("ce_each")
+        if warp is not None:  # each position's cross-entropy goes to the bin of its row's t
+            bins = warp.bin_of(t[r])[target_index // L]
+            warp_sums += torch.stack([torch.zeros(len(warp.loss)).index_add_(0, bins, ce_each.float().cpu()),
+                                      torch.bincount(bins, minlength=len(warp.loss)).float()])
         for k, v in parts.items():
             sums[k] = sums.get(k, 0) + v.detach()
+    if warp is not None:
+        warp.update(*all_sum(warp_sums, world))
     sums["tokens"] = int(length_mask[torch.arange(B)[rank::world]].sum())
     return sums
+
+
+@torch.no_grad()
+def update_ema(ema: dict, model, decay: float):
+    """ema <- decay * ema + (1 - decay) * weights. The decay starts low ((1 + step) / (10 + step)),
+    so the average does not drag the random initialisation through a short run."""
+    for k, v in model.state_dict().items():
+        if v.is_floating_point():
+            ema[k].lerp_(v.float(), 1 - decay)
+        else:
+            ema[k].copy_(v)
 
 
 def check_in_sync(params, world):
@@ -405,6 +449,14 @@ def parse_args(argv=None) -> TrainConfig:
     p.add_argument("--schedule", default=d.schedule, choices=sorted(SCHEDULES), help="noise schedule γ(t), see diffusion.py")
     p.add_argument("--sampler", default=d.sampler, choices=sorted(SAMPLERS), help="the checkpoint's default sampler")
     p.add_argument("--uncond-rate", type=float, default=d.uncond_rate, help="share of training rows given no context: they teach the unconditional model that --guidance needs")
+    p.add_argument("--time-draw", default=d.time_draw, choices=TIME_DRAWS,
+                   help="how t is drawn: uniform (independent), stratified (evenly spread over each batch), warped (CDCD: where the loss changes)")
+    p.add_argument("--warp-floor", type=float, default=d.warp_floor, help="share of uniform draws mixed into the warped ones")
+    p.add_argument("--self-cond-rate", type=float, default=d.self_cond_rate, help="share of batches trained with a self-conditioning pass")
+    p.add_argument("--embed-dim", type=int, default=d.embed_dim, help="width E of the token embeddings the diffusion runs in (0: the preset's)")
+    p.add_argument("--open-rate", type=float, default=d.open_rate,
+                   help="share of batches that hide one span inside a longer gap, the rest padding: this teaches [gap:..N]")
+    p.add_argument("--ema", type=float, default=d.ema, help="decay of the weights' moving average that samples use (0: none)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed for initialisation, data order and noise")
     p.add_argument("--device", default=d.device, help="auto, cpu, cuda or mps")
     p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (0: one per core)")
@@ -416,11 +468,15 @@ def parse_args(argv=None) -> TrainConfig:
     for name in ("batch_size", "eval_every", "log_every", "vocab_size", "grad_accum", "keep"):
         if getattr(cfg, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
-    for name in ("max_steps", "max_minutes", "warmup", "max_len", "threads", "weight_decay", "stop_at_step"):
+    for name in ("max_steps", "max_minutes", "warmup", "max_len", "threads", "weight_decay", "stop_at_step", "embed_dim"):
         if getattr(cfg, name) < 0:
             p.error(f"--{name.replace('_', '-')} must not be negative")
     if not 0 <= cfg.uncond_rate <= 1:
         p.error("--uncond-rate must be between 0 and 1")
+    if not all(0 <= x <= 1 for x in (cfg.self_cond_rate, cfg.open_rate, cfg.warp_floor)):
+        p.error("--self-cond-rate, --open-rate and --warp-floor must be between 0 and 1")
+    if not 0 <= cfg.ema < 1:
+        p.error("--ema must be at least 0 and below 1")
     if not cfg.lr > 0 or not cfg.grad_clip > 0:
         p.error("--lr and --grad-clip must be positive")
     if cfg.max_len == 1 or cfg.max_len > 4096:

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from data import MASK_MIXTURE, Batches, Corpus, UserError, infill_masks, mask_mixture, read_lines, split_valid
+from data import MASK_MIXTURE, Batches, Corpus, UserError, infill_masks, mask_mixture, read_lines, split_valid, widen_gaps
 from tokenizer import EOS, PAD
 
 
@@ -100,3 +100,36 @@ def test_batches_group_similar_lengths(tok):
     b = next(iter(Batches(c, batch_size=20, seed=0)))
     real = b["length_mask"].float().mean().item()
     assert real > 0.8  # random batches would be about 55% real tokens
+
+
+def test_widen_gaps_puts_the_text_then_padding():
+    ids = torch.tensor([[5, 6, 7, 8, 1], [9, 10, 1, 0, 0]])
+    b = widen_gaps(ids, torch.tensor([5, 3]), start=torch.tensor([1, 0]), k=torch.tensor([2, 1]),
+                   extra=torch.tensor([3, 0]))
+    assert b["ids"].tolist() == [[5, 6, 7, PAD, PAD, PAD, 8, 1], [9, 10, 1, PAD, PAD, PAD, PAD, PAD]]
+    assert b["length_mask"].sum(1).tolist() == [8, 3]
+    assert b["cond_mask"].tolist()[0] == [True, False, False, False, False, False, True, True]
+    assert b["cond_mask"].tolist()[1] == [False, True, True, False, False, False, False, False]
+
+
+def test_open_gap_batches(tok):
+    lines = [f"the red fox {w} over the lazy dog" for w in "jumps leaps runs walks flies".split()] * 20
+    c = Corpus(lines, tok, max_len=32)
+    g = torch.Generator().manual_seed(0)
+    seen_open = 0
+    for _ in range(20):
+        b = c.batch(list(range(0, 100, 5)), g, open_rate=0.5)
+        gap = b["length_mask"] & ~b["cond_mask"]
+        if not (b["ids"][gap] == PAD).any():
+            continue
+        seen_open += 1
+        assert b["length_mask"].sum(1).max() <= 32
+        for row, hole in zip(b["ids"], gap):
+            at = hole.nonzero()[:, 0]
+            assert len(at) and (at.diff() == 1).all()  # one contiguous gap
+            fill = row[at]
+            text = fill[fill != PAD]
+            assert (fill[: len(text)] == text).all()  # the text first, then only padding
+            kept = row[row != PAD].tolist()
+            assert kept in [x for x in c.ids]  # padding aside, the line is unchanged
+    assert 3 <= seen_open <= 17

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from diffusion import SAMPLERS, SCHEDULES, SPACINGS, Diffusion, DiffusionConfig, get_sampler
+from diffusion import SAMPLERS, SCHEDULES, SPACINGS, Diffusion, DiffusionConfig, TimeWarp, get_sampler
 from model import Estimator, tiny
 
 V = 40
@@ -41,8 +41,9 @@ def test_schedule_endpoints_and_monotone(name):
 def test_loss_parts_are_finite_and_positive():
     d = make()
     out = d.loss(*batch())
-    assert set(out) == {"loss", "mse", "ce", "acc"}
-    assert all(torch.isfinite(v) for v in out.values())
+    assert set(out) == {"loss", "mse", "ce", "acc", "ce_each"}
+    assert all(torch.isfinite(v).all() for v in out.values())
+    assert out["ce"].item() == pytest.approx(out["ce_each"].sum().item() / len(out["ce_each"]), rel=1e-5)
     assert out["loss"].item() == pytest.approx(out["mse"].item() + out["ce"].item(), rel=1e-5)
 
 
@@ -163,3 +164,47 @@ def test_tied_cross_entropy_matches_the_plain_formula():
     assert torch.allclose(ce, ref, atol=1e-4)
     assert torch.equal(pred, logits.argmax(-1))
     assert torch.allclose(gx, x.grad, atol=1e-4) and torch.allclose(gw, w.grad, atol=1e-4)
+
+
+def test_time_warp_draws_where_the_loss_rises():
+    w = TimeWarp(bins=20, floor=0.2)
+    g = torch.Generator().manual_seed(0)
+    plain = w.draw(64, g, warped=False)
+    assert torch.equal((plain.sort().values * 64).floor(), torch.arange(64.0))  # one draw in each stratum
+    assert torch.allclose(w.density(), torch.full((20,), 0.05))  # before any loss: uniform
+    loss = torch.cat([torch.zeros(10), torch.linspace(0.5, 5, 10)])  # flat, then rising over t > 0.5
+    for _ in range(400):
+        w.update(loss, torch.ones(20))
+    t = w.draw(4000, g)
+    assert 0 <= t.min() and t.max() < 1
+    late = (t >= 0.5).float().mean().item()
+    assert abs(late - 0.9) < 0.03  # all the rise (0.8 of the draws) is late; the floor (0.2) spreads evenly
+    noisy = loss + torch.tensor([0.0] * 5 + [2.0] + [0.0] * 14)  # one noisy bin makes no spike
+    w.loss = noisy
+    assert w.density().max() < 0.2
+
+
+def test_padding_is_written_only_where_allowed():
+    d = make()
+    d.model.forward = lambda x_t, x_cond, x_self, t, mask: d.model.embeddings()[0].expand_as(x_t)  # always "PAD"
+    ids, length_mask, cond_mask = batch()
+    pad_ok = length_mask & ~cond_mask & (torch.arange(9) % 2 == 0)
+    out = d.sample(ids, length_mask, cond_mask, steps=3, gen=torch.Generator().manual_seed(0), pad_ok=pad_ok)
+    free = length_mask & ~cond_mask
+    assert (out[pad_ok] == 0).all() and (out[free & ~pad_ok] != 0).all()
+    assert torch.equal(out[cond_mask], ids[cond_mask])
+
+
+def test_snapping_steps_with_token_embeddings():
+    d = make()
+    table = d.model.embeddings()
+    fixed = (0.6 * table[5] + 0.4 * table[9]).expand(4, 9, -1)  # between two tokens, nearer token 5
+    seen = []
+    d.model.forward = lambda x_t, x_cond, x_self, t, mask: (seen.append(x_self.clone()), fixed)[1]
+    ids, length_mask, _ = batch()
+    for snap in (0.0, 1.0):
+        seen.clear()
+        d.sample(ids, length_mask, torch.zeros_like(length_mask), steps=2, snap=snap, gen=torch.Generator().manual_seed(0))
+        x_self = seen[1][length_mask]  # the first step's estimate, as the second step sees it
+        on_token = torch.allclose(x_self, table[5].expand_as(x_self), atol=1e-5)
+        assert on_token == (snap == 1.0)  # snapped: token 5's own embedding; else the interpolation

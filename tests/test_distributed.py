@@ -30,4 +30,7 @@ def test_two_processes_match_one(corpus_file, tok, tmp_path):
     assert a["step"] == b["step"] == 4
     for k in b["model"]:
         diff = (a["model"][k] - b["model"][k]).abs().max().item()
-        assert diff < 1e-5, (k, diff)
+        # float sums in another order differ by ~1e-7; the time warp, fitted to the summed loss, turns
+        # that into slightly different t, so the parameters agree to ~1e-5 after 4 steps. A wrong
+        # average or a missing all-reduce differs by the size of an Adam step, ~1e-3.
+        assert diff < 1e-4, (k, diff)

@@ -13,7 +13,7 @@ import evaluate
 import judge
 from conftest import ROOT, SENTENCES
 from data import Corpus
-from evaluate import copied_share, distinct_n, fill_accuracy, hide, unigram_entropy
+from evaluate import aligned_accuracy, copied_share, distinct_n, edit_distance, fill_accuracy, hide, spread, unigram_entropy
 from judge import CausalLM, perplexity
 from model import get_preset
 from tokenizer import train_tokenizer
@@ -51,6 +51,36 @@ def test_fill_accuracy():
     assert acc == pytest.approx(3 / 4) and exact == pytest.approx(1 / 2)
     acc, exact = fill_accuracy(target, target, hidden)
     assert acc == 1.0 and exact == 1.0
+
+
+def test_edit_distance_and_aligned_accuracy():
+    assert edit_distance("kitten", "sitting") == 3 and edit_distance([], [1, 2]) == 2 and edit_distance([1], [1]) == 0
+    assert aligned_accuracy([5, 6, 7], [5, 6, 7]) == 1.0
+    assert aligned_accuracy([5, 7], [5, 6, 7]) == pytest.approx(2 / 3)  # one token left out
+    assert aligned_accuracy([5, 6, 7, 8, 9, 10], [5, 6, 7]) == pytest.approx(1 / 2)  # three too many
+    assert aligned_accuracy([], []) == 1.0
+    s = spread([1, 2, 3, 4, 5])
+    assert s["mean"] == 3 and s["p50"] == 3 and s["p10"] < s["p25"] < s["p50"] < s["p75"] < s["p90"]
+
+
+def test_compare_marks_better_and_worse(tmp_path, capsys):
+    def result(span, ppl, entropy):
+        return {"denoising": {"0.5": {"mse": 0.1, "ce": 0.2, "acc": 0.9}},
+                "infilling": {"span": {"acc": span, "exact": 0.0}},
+                "samples": {"judge_ppl": ppl, "entropy": entropy, "distinct_2": 0.5, "copied": 0.0, "length_mean": 20, "length_std": 5},
+                "held_out": {"judge_ppl": 5.0, "entropy": 4.0, "distinct_2": 0.3, "copied": 0.0, "length_mean": 20, "length_std": 6},
+                "cost": {"seconds_per_sample": 0.1, "evals_per_sample": 20}}
+    before, after = result(0.2, 100.0, 3.5), result(0.3, 150.0, 4.2)  # entropy: 0.5 from held-out, then 0.2
+    lines = {line.split("  ")[1].strip(): line.split()[-1] for line in evaluate.compare(before, after).splitlines()[1:]}
+    assert lines["infilling span acc"] == "better" and lines["samples judge_ppl"] == "WORSE"
+    assert lines["samples entropy"] == "better" and lines["denoising t=0.5 acc"] == "even"
+    paths = [tmp_path / "a.json", tmp_path / "b.json"]
+    for path, r in zip(paths, (before, after)):
+        path.write_text(json.dumps(r))
+    evaluate.main(["--compare", *map(str, paths)])
+    assert "WORSE" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="error: --compare"):
+        evaluate.main(["--compare", str(paths[0]), str(tmp_path / "missing.json")])
 
 
 def test_copied_share():
@@ -154,6 +184,9 @@ def test_evaluate_end_to_end_twice(run_dir, corpus_file, capsys):
     assert a == b
     assert list(a["denoising"]) == ["0.1", "0.3", "0.5", "0.7", "0.9"]
     assert all(0 <= a["infilling"][k][m] <= 1 for k in ("span", "scattered") for m in ("acc", "exact"))
+    o = a["open_gaps"]  # the spans of "span" again, each in a gap of all the room the model has
+    assert o["lines"] == 6 and 0 <= o["aligned_acc"] <= 1 and o["length_mad"] >= 0
+    assert o["true_length"]["mean"] <= o["fill_length"]["mean"] + o["length_mad"] + 1e-9
     assert a["samples"]["judge_ppl"] > 1 and a["held_out"]["judge_ppl"] > 1
     assert a["samples"]["copied"] is not None  # the checkpoint's training corpus was found
     assert a["held_out"]["copied"] == 1.0  # --valid is the training corpus here

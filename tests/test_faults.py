@@ -20,8 +20,9 @@ from train import TrainConfig, train
 
 
 def config(corpus_file, tok_file, out, **kw):
+    # one thread: with two, torch's CPU backward is, once in several runs, not bitwise repeatable
     base = dict(corpus=corpus_file, tokenizer=tok_file, out=str(out), preset="tiny", batch_size=8,
-                max_steps=8, eval_every=1000, seed=3)
+                max_steps=8, eval_every=1000, seed=3, threads=1)
     return TrainConfig(**{**base, **kw})
 
 
@@ -36,22 +37,30 @@ def params(out):
     return torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["model"]
 
 
-def test_resume_is_exact(corpus_file, tok_file, tmp_path):
-    train(config(corpus_file, tok_file, tmp_path / "a"), quiet=True)
-    train(config(corpus_file, tok_file, tmp_path / "b", stop_at_step=3), quiet=True)
+@pytest.mark.parametrize("kw", [{"time_draw": "uniform"}, {"time_draw": "warped", "open_rate": 0.5}])
+def test_resume_is_exact(corpus_file, tok_file, tmp_path, kw):
+    kw = {**kw, "ema": 0.9}
+    train(config(corpus_file, tok_file, tmp_path / "a", **kw), quiet=True)
+    train(config(corpus_file, tok_file, tmp_path / "b", stop_at_step=3, **kw), quiet=True)
     assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["step"] == 3
-    train(config(corpus_file, tok_file, tmp_path / "b"), quiet=True)
-    a, b = params(tmp_path / "a"), params(tmp_path / "b")
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    train(config(corpus_file, tok_file, tmp_path / "b", **kw), quiet=True)
+    a, b = (torch.load(p / "ckpt.pt", weights_only=True) for p in (tmp_path / "a", tmp_path / "b"))
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+        assert torch.equal(a["ema"][k], b["ema"][k]), k  # the moving average is resumed too
+    assert any(not torch.equal(a["ema"][k], a["model"][k]) for k in a["model"])  # an average, not a copy
+    if kw["time_draw"] == "warped":
+        assert torch.equal(a["time_warp"], b["time_warp"])
 
 
 def test_grad_accum_matches_one_batch(corpus_file, tok_file, tmp_path):
     train(config(corpus_file, tok_file, tmp_path / "a", max_steps=3), quiet=True)
     train(config(corpus_file, tok_file, tmp_path / "b", max_steps=3, grad_accum=4), quiet=True)
     a, b = params(tmp_path / "a"), params(tmp_path / "b")
+    # sums in another order differ by ~1e-7, which Adam's normalisation makes ~2e-5 where gradients
+    # are near 0; a wrong average over the pieces differs by an Adam step, ~1e-3
     for k in a:
-        assert torch.allclose(a[k], b[k], atol=1e-5), k
+        assert torch.allclose(a[k], b[k], atol=1e-4), k
 
 
 def test_keep_last_checkpoints(corpus_file, tok_file, tmp_path):
@@ -122,7 +131,7 @@ def test_sigint_saves_and_exits_cleanly(corpus_file, tok_file, tmp_path):
 @given(st.text(max_size=300))
 def test_fuzz_templates(tok, text):
     try:
-        ids, cond, gaps = parse_template(text, tok, max_len=64)
+        ids, cond, gaps, _ = parse_template(text, tok, max_len=64)
     except UserError as e:
         assert "\n" not in str(e)
         return

@@ -6,7 +6,7 @@ from tokenizer import EOS, PAD
 
 
 def test_parse_template(tok):
-    ids, cond, gaps = parse_template("the red fox [gap] over the [gap:2] dog", tok, max_len=64, gap_length=3)
+    ids, cond, gaps, _ = parse_template("the red fox [gap] over the [gap:2] dog", tok, max_len=64, gap_length=3)
     assert len(ids) == len(cond)
     assert ids[-1] == EOS and cond[-1]
     hidden = [i for i, c in enumerate(cond) if not c]
@@ -17,7 +17,7 @@ def test_parse_template(tok):
 
 
 def test_gap_at_the_edges(tok):
-    ids, cond, _ = parse_template("[gap:2] the lazy dog [gap:1]", tok, max_len=64)
+    ids, cond, _, _ = parse_template("[gap:2] the lazy dog [gap:1]", tok, max_len=64)
     assert cond[:2] == [False, False] and cond[-2:] == [False, True]
 
 
@@ -27,6 +27,10 @@ def test_gap_at_the_edges(tok):
     ("a [gap:-3] b", "bad gap"),
     ("a [gap:x] b", "bad gap"),
     ("a [gap:60] b", "at most"),
+    ("a [gap:..0] b", "bad gap"),
+    ("a [gap:...3] b", "bad gap"),
+    ("a [gap:..] b", "bad gap"),
+    ("a [gap:..60] b", "at most"),
 ])
 def test_bad_templates(tok, template, message):
     with pytest.raises(UserError, match=message):
@@ -35,7 +39,7 @@ def test_bad_templates(tok, template, message):
 
 def test_fill_keeps_context_words(tok):
     template = "the red fox [gap:2] over the [gap] dog."
-    ids, cond, gaps = parse_template(template, tok, max_len=64, gap_length=2)
+    ids, cond, gaps, _ = parse_template(template, tok, max_len=64, gap_length=2)
     # pieces without a word start, which decoded with their neighbours would glue onto them
     glue = [i for i in range(4, tok.vocab_size) if not tok.piece(i).startswith("▁")][:2]
     for a, b in gaps:
@@ -44,7 +48,19 @@ def test_fill_keeps_context_words(tok):
     assert text.startswith("the red fox ") and " over the " in text and text.endswith(" dog.")
     fox = tok.encode("fox")
     template = f"[gap:{len(fox)}], then [gap:{len(fox)}]."
-    ids, cond, gaps = parse_template(template, tok, max_len=64)
+    ids, cond, gaps, _ = parse_template(template, tok, max_len=64)
     for a, b in gaps:
         ids[a:b] = fox
     assert fill_template(template, tok, ids, gaps) == "fox, then fox."
+
+
+def test_gaps_of_open_length(tok):
+    template = "the red fox [gap:..4] over the [gap:2] dog"
+    ids, cond, gaps, pad_ok = parse_template(template, tok, max_len=64)
+    assert [b - a for a, b in gaps] == [4, 2] and len(pad_ok) == len(ids)
+    (a, b), (c, d) = gaps
+    assert [i for i, ok in enumerate(pad_ok) if ok] == list(range(a, b))  # padding allowed in the open gap only
+    fox = tok.encode("fox")
+    ids[a:b] = fox + [PAD] * (4 - len(fox))  # the model used part of the gap; decoding drops the padding
+    ids[c:d] = (fox * 2)[:2]
+    assert fill_template(template, tok, ids, gaps).startswith("the red fox fox over the ")

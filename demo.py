@@ -66,13 +66,16 @@ def main():
 
         _, held_out = split_valid(read_lines(corpus), seed=0)  # the lines train.py held out
         rng = random.Random(0)
-        print("\n== infilling held-out lines: [the hidden words] -> the fill of [gap:N], N their length,"
-              " and of [gap:..2N], where the model chooses the length ==")
+        # gaps of open length only where training taught them (train.py --open-rate)
+        open_gaps = bool(ckpt.get("train_config", {}).get("open_rate"))
+        print("\n== infilling held-out lines: [the hidden words] -> the fill of [gap:N], N their length"
+              + (", and of [gap:..2N], where the model chooses the length ==" if open_gaps else " =="))
         for line in rng.sample(held_out or [], min(4, len(held_out or []))):
             before, hidden, after = hide_span(line, rng)
             n = len(tok.encode(hidden))
             print(f"  {before} [{hidden}] {after}")
-            for gap in (f"[gap:{n}]", f"[gap:..{min(2 * n, model.cfg.max_len // 2)}]"):
+            gaps = [f"[gap:{n}]"] + ([f"[gap:..{min(2 * n, model.cfg.max_len // 2)}]"] if open_gaps else [])
+            for gap in gaps:
                 try:
                     fill = generate(diffusion, tok, templates=[f"{before} {gap} {after}"], steps=a.steps, seed=1)[0]
                 except UserError:  # a line too long for the model with the wider gap

@@ -7,6 +7,7 @@ dict and the tokenizer model's bytes: `sample.py` needs nothing else. Files are 
 import os
 import pickle
 import re
+import shutil
 import tempfile
 from dataclasses import asdict, fields
 
@@ -46,6 +47,21 @@ def save(path: str, keep: int | None = None, **state):
     history = sorted(f for f in os.listdir(folder) if re.fullmatch(r"ckpt-\d{8}\.pt", f))
     for old in history[: max(0, len(history) - keep)] if keep > 1 else history:
         os.remove(os.path.join(folder, old))
+
+
+def check_writable(out: str, need_bytes: int):
+    """Fail before training, not after an hour of it, if checkpoints cannot be written."""
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, ".write-test")
+        with open(probe, "wb") as f:
+            f.write(b"0")
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot write there ({e.strerror})") from None
+    free = shutil.disk_usage(out).free
+    if free < 2 * need_bytes:
+        raise UserError(f"--out {out}: {free / 2**20:.0f} MiB free, a checkpoint needs about {need_bytes / 2**20:.0f} MiB (twice that while writing)")
 
 
 def load(path: str, map_location="cpu") -> dict:

@@ -1,9 +1,11 @@
-"""Where the arithmetic runs and in which precision: shared by train.py, judge.py, sample.py,
-evaluate.py and bench.py."""
+"""Where the arithmetic runs and in which precision, and on how many processes: shared by train.py,
+judge.py, sample.py, evaluate.py and bench.py."""
 import contextlib
+import os
 import time
 
 import torch
+import torch.distributed as dist
 
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -63,3 +65,32 @@ def autocast(device, bf16: bool):
     if device.type not in ("cuda", "cpu"):
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+def setup_distributed(device_name: str):
+    """torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; a plain run is rank 0 of 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, pick_device(device_name)
+    use_cuda = device_name in ("auto", "cuda") and torch.cuda.is_available()
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    if use_cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return dist.get_rank(), world, torch.device("cuda", local)
+    return dist.get_rank(), world, torch.device("cpu")
+
+
+def all_sum(x: torch.Tensor, world: int) -> torch.Tensor:
+    if world > 1:
+        dist.all_reduce(x)
+    return x
+
+
+def check_in_sync(params, world):
+    """Debugging aid: every process must hold the very same parameters after a step."""
+    mine = torch.cat([p.detach().float().flatten().cpu() for p in params])
+    everyone = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(everyone, mine)
+    if not all(torch.equal(mine, other) for other in everyone):
+        raise RuntimeError("processes hold different parameters")

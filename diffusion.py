@@ -157,6 +157,9 @@ def tied_cross_entropy(x, w, target):
         return TiedCrossEntropy.apply(x.float(), w.float(), target)
 
 
+TIME_DRAWS = ("uniform", "stratified", "warped")  # how training draws t: see TimeWarp
+
+
 class TimeWarp:
     """Where training draws t: CDCD's time warping (Dieleman et al. 2022, sec. 4.3) on a histogram.
 
@@ -196,6 +199,13 @@ class TimeWarp:
     def bin_of(self, t: torch.Tensor) -> torch.Tensor:
         return (t * len(self.loss)).long().clamp(0, len(self.loss) - 1)
 
+    def tally(self, t: torch.Tensor, rows: torch.Tensor, ce: torch.Tensor) -> torch.Tensor:
+        """(2, bins) sums and counts, on ce's device, of the cross-entropies `ce` (N,) of positions in
+        the rows `rows` (N,) of a batch whose rows were drawn at times `t` (B,): update()'s input."""
+        bins = self.bin_of(t.to(ce.device))[rows]
+        return torch.stack([torch.zeros(len(self.loss), device=ce.device).index_add_(0, bins, ce.float()),
+                            torch.bincount(bins, minlength=len(self.loss)).float()])
+
     def update(self, sums: torch.Tensor, counts: torch.Tensor):
         """Fold in one step's cross-entropy: (bins,) sums over the positions whose t fell in each
         bin, and their (bins,) counts."""
@@ -225,7 +235,8 @@ class Diffusion:
              target_index=None):
         """MSE on x̂0 plus cross-entropy on the tied logits, both averaged over the positions to
         generate (inside the length mask, outside the context). Returns a dict of scalars:
-        loss (to minimise), mse, ce and acc (token accuracy on those positions).
+        loss (to minimise), mse, ce and acc (token accuracy on those positions), and ce_each, the (N,)
+        cross-entropy of each of those positions (for the time warp).
 
         t (B,), eps (B, L, E) and self_cond (bool) are drawn from `gen` unless given. `denom`
         replaces the local count of positions: with data parallelism, one count for the whole

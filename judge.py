@@ -24,7 +24,7 @@ from data import Batches, Corpus, UserError, read_lines, split_valid
 from model import PRESETS, FeedForward, ModelConfig, get_preset
 from tokenizer import BOS, Tokenizer
 from device import autocast, pick_device, use_bf16
-from train import TrainConfig, check_writable, lr_at
+from train import TrainConfig, lr_at
 
 
 class CausalBlock(nn.Module):
@@ -216,7 +216,7 @@ def main(argv=None):
             # train.py held out a share of this corpus: the judge must not learn those lines either
             lines = split_valid(lines, seed=run.get("seed", 0))[0]
         valid = read_lines(a.valid) if a.valid else None
-        check_writable(os.path.dirname(os.path.abspath(a.out)), 0)
+        checkpoint.check_writable(os.path.dirname(os.path.abspath(a.out)), 0)
         cfg = get_preset(a.preset)
         cfg.vocab_size, cfg.max_len = tok.vocab_size, max_len
         judge = CausalLM(cfg).to(device)

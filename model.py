@@ -180,7 +180,7 @@ class Denoiser(nn.Module):
         Dieleman et al. 2022) and the most likely token. A temperature below 1 pulls the estimate
         towards the likeliest token's embedding. Computed a few hundred rows at a time, so the
         (rows, V) logits stay small: on a CPU, allocating the whole (B, L, V) tensor costs more
-        than the matmul. `no_pad` (...) True where the padding token (id 0) may not be chosen. """
+        than the matmul. `no_pad` (...) True where the padding token (id 0) may not be chosen."""
         x = x0_hat.reshape(-1, x0_hat.shape[-1]).float()  # (N, E)
         ban = None if no_pad is None else no_pad.reshape(-1)  # (N,)
         emb = self.embeddings().float()  # (V, E), normalised once

@@ -40,13 +40,10 @@ def parse_template(template: str, tok, max_len: int, gap_length: int = 6):
             ids += piece
             cond += [True] * len(piece)
             pad_ok += [False] * len(piece)
-        n, up_to = m.group(1), False
-        if n is None:
-            n = gap_length
-        elif not re.fullmatch(r"(\.\.)?[0-9]+", n.strip()) or int(n.strip().lstrip(".")) < 1:
+        size = re.fullmatch(r"(\.\.)?([0-9]+)", m.group(1).strip()) if m.group(1) is not None else None
+        if m.group(1) is not None and (size is None or int(size[2]) < 1):
             raise UserError(f"bad gap {m.group(0)!r} in template: write [gap], [gap:N] or [gap:..N] with N a whole number from 1")
-        else:
-            up_to, n = n.strip().startswith(".."), n.strip().lstrip(".")
+        up_to, n = (bool(size[1]), size[2]) if size else (False, gap_length)
         if int(n) > max_len:
             raise UserError(f"gap {m.group(0)!r} is longer than the model takes: at most {max_len} tokens")
         gaps.append((len(ids), len(ids) + int(n)))

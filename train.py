@@ -11,7 +11,6 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import signal
 import sys
 import time
@@ -24,8 +23,8 @@ from tqdm import tqdm
 
 import checkpoint
 from data import Batches, Corpus, UserError, mask_mixture, read_lines, split_valid
-from device import PRECISIONS, autocast, pick_device, use_bf16
-from diffusion import SAMPLERS, SCHEDULES, Diffusion, DiffusionConfig, TimeWarp
+from device import PRECISIONS, all_sum, autocast, check_in_sync, setup_distributed, use_bf16
+from diffusion import SAMPLERS, SCHEDULES, TIME_DRAWS, Diffusion, DiffusionConfig, TimeWarp
 from model import BACKBONES, PRESETS, build_model, get_preset
 from sample import generate
 from tokenizer import Tokenizer, train_tokenizer
@@ -72,9 +71,6 @@ class TrainConfig:
     compile: bool = False      # torch.compile the network
 
 
-TIME_DRAWS = ("uniform", "stratified", "warped")
-
-
 def lr_at(cfg: TrainConfig, step: int, progress: float) -> float:
     """Linear warm-up, then cosine decay to min_lr_ratio * lr. `progress` in [0, 1] is how much of
     the budget is spent: steps or minutes, whichever runs out first. Decaying by the real budget
@@ -102,21 +98,6 @@ def validate(diffusion: Diffusion, corpus: Corpus, device, batch_size=64, max_ba
     return {k: (sums[j] / sums[4].clamp(min=1)).item() for j, k in enumerate(("loss", "mse", "ce", "acc"))}
 
 
-def check_writable(out: str, need_bytes: int):
-    """Fail before training, not after an hour of it, if checkpoints cannot be written."""
-    try:
-        os.makedirs(out, exist_ok=True)
-        probe = os.path.join(out, ".write-test")
-        with open(probe, "wb") as f:
-            f.write(b"0")
-        os.remove(probe)
-    except OSError as e:
-        raise UserError(f"--out {out}: cannot write there ({e.strerror})") from None
-    free = shutil.disk_usage(out).free
-    if free < 2 * need_bytes:
-        raise UserError(f"--out {out}: {free / 2**20:.0f} MiB free, a checkpoint needs about {need_bytes / 2**20:.0f} MiB (twice that while writing)")
-
-
 class StopFlag:
     """First SIGINT/SIGTERM: finish the step, save, exit. Second: exit at once."""
 
@@ -130,26 +111,6 @@ class StopFlag:
             os._exit(130)
         self.stop = True
         tqdm.write("stopping: saving a checkpoint (Ctrl-C again to quit at once)", file=sys.stderr)
-
-
-def setup_distributed(device_name: str):
-    """torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; a plain run is rank 0 of 1."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, pick_device(device_name)
-    use_cuda = device_name in ("auto", "cuda") and torch.cuda.is_available()
-    dist.init_process_group("nccl" if use_cuda else "gloo")
-    if use_cuda:
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        return dist.get_rank(), world, torch.device("cuda", local)
-    return dist.get_rank(), world, torch.device("cpu")
-
-
-def all_sum(x: torch.Tensor, world: int) -> torch.Tensor:
-    if world > 1:
-        dist.all_reduce(x)
-    return x
 
 
 def train(cfg: TrainConfig, quiet: bool = False) -> dict:
@@ -166,7 +127,7 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
     if cfg.batch_size % (world * cfg.grad_accum):
         raise UserError(f"--batch-size {cfg.batch_size} must split evenly over {world} processes x {cfg.grad_accum} accumulation steps")
     if rank == 0:
-        check_writable(cfg.out, 0)
+        checkpoint.check_writable(cfg.out, 0)
         for f in os.listdir(cfg.out):  # left by a process killed while writing a checkpoint
             if f.startswith(".ckpt-") and f.endswith(".tmp"):
                 os.remove(os.path.join(cfg.out, f))
@@ -222,7 +183,7 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
         print(f"note: {corpus.cropped} of {len(corpus)} lines were longer than {mcfg.max_len - 1} tokens and were cropped", file=sys.stderr)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if rank == 0:
-        check_writable(cfg.out, n_params * 4 * 3 * (1 + cfg.keep))
+        checkpoint.check_writable(cfg.out, n_params * 4 * 3 * (1 + cfg.keep))
 
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]  # no weight decay on biases and scalars
@@ -342,7 +303,7 @@ def train_step(diffusion, batch, cfg, step, rank, world, device, bf16=False, war
     # the average over all target positions of the global batch, whatever the split
     denom = (length_mask & ~cond_mask).sum().clamp(min=1).float() / world
     rows = torch.arange(B)[rank::world].chunk(cfg.grad_accum)
-    sums, warp_sums = {}, torch.zeros(2, len(warp.loss)) if warp is not None else None
+    sums, warp_sums = {}, 0
     for i, r in enumerate(rows):
         last = i == len(rows) - 1
         sync = contextlib.nullcontext() if last or world == 1 else diffusion.net.no_sync()
@@ -355,14 +316,12 @@ def train_step(diffusion, batch, cfg, step, rank, world, device, bf16=False, war
                                        denom=denom.to(device), target_index=target_index.to(device))
             parts["loss"].backward()
         ce_each = parts.pop("ce_each")
-        if warp is not None:  # each position's cross-entropy goes to the bin of its row's t
-            bins = warp.bin_of(t[r])[target_index // L]
-            warp_sums += torch.stack([torch.zeros(len(warp.loss)).index_add_(0, bins, ce_each.float().cpu()),
-                                      torch.bincount(bins, minlength=len(warp.loss)).float()])
+        if warp is not None:  # each position's cross-entropy goes to the bin of its row's t, on the device
+            warp_sums = warp_sums + warp.tally(t[r], target_index.to(device) // L, ce_each)
         for k, v in parts.items():
             sums[k] = sums.get(k, 0) + v.detach()
     if warp is not None:
-        warp.update(*all_sum(warp_sums, world))
+        warp.update(*all_sum(warp_sums.cpu(), world))  # one transfer a step
     sums["tokens"] = int(length_mask[torch.arange(B)[rank::world]].sum())
     return sums
 
@@ -376,15 +335,6 @@ def update_ema(ema: dict, model, decay: float):
             ema[k].lerp_(v.float(), 1 - decay)
         else:
             ema[k].copy_(v)
-
-
-def check_in_sync(params, world):
-    """Debugging aid: every process must hold the very same parameters after a step."""
-    mine = torch.cat([p.detach().float().flatten().cpu() for p in params])
-    everyone = [torch.empty_like(mine) for _ in range(world)]
-    dist.all_gather(everyone, mine)
-    if not all(torch.equal(mine, other) for other in everyone):
-        raise RuntimeError("processes hold different parameters")
 
 
 def load_or_train_tokenizer(cfg, train_lines, rank, world):

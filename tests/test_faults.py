@@ -87,7 +87,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(corpus_file, tok_file, 
 
 
 def test_full_disk_is_reported_before_training(corpus_file, tok_file, tmp_path, monkeypatch):
-    monkeypatch.setattr(train_mod.shutil, "disk_usage", lambda path: SimpleNamespace(total=10**9, used=10**9, free=1000))
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: SimpleNamespace(total=10**9, used=10**9, free=1000))
     with pytest.raises(UserError, match="MiB free"):
         train(config(corpus_file, tok_file, tmp_path), quiet=True)
     assert not os.path.exists(tmp_path / "ckpt.pt")

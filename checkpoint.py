@@ -86,7 +86,7 @@ def load(path: str, map_location="cpu") -> dict:
 
 # Settings added to the configs after checkpoints of this version were first written, with the value
 # that reproduces what those checkpoints did. Any other missing key is an error.
-ADDED_LATER = {"backbone": "estimator", "spacing": "uniform", "temperature": 1.0, "snap": 0.0}
+ADDED_LATER = {"backbone": "estimator", "spacing": "uniform", "temperature": 1.0, "snap": 0.0, "skip": False}
 
 
 def config_from(cls, d: dict, what: str):

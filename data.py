@@ -158,13 +158,15 @@ def widen_gaps(ids, lengths, start, k, extra) -> dict:
 
 def open_gaps(ids, lengths, max_len: int, gen=None) -> dict:
     """A batch that teaches gaps of open length ([gap:..N] in sample.py): in each row one span of
-    10-90% of the text is hidden and followed by 0 to (max_len - length) PAD tokens, as many as
+    10-50% of the text is hidden and followed by 0 to (max_len - length) PAD tokens, as many as
     the row has room for, drawn uniformly. The model learns to write the text, then padding, which
     decoding drops: how much of the gap it uses is its own choice. EOS stays given; a row of one
-    token gets no gap."""
+    token gets no gap. A gap is a part of its line, not most of it: with spans of up to 90%, a
+    short context would mostly mean a long gap, and the model learnt to write less where more of
+    the line was given, the opposite of what lines hiding a phrase need."""
     u = torch.rand(3, len(lengths), generator=gen)
     m = lengths - 1  # text tokens, EOS not included
-    k = torch.where(m > 0, ((0.1 + 0.8 * u[0]) * m).round().clamp(min=1), 0).long()
+    k = torch.where(m > 0, ((0.1 + 0.4 * u[0]) * m).round().clamp(min=1), 0).long()
     start = (u[1] * (m - k + 1)).long()
     extra = torch.where(m > 0, (u[2] * (max_len - lengths + 1)).long().clamp(max=max_len - lengths), 0)
     return widen_gaps(ids, lengths, start, k, extra)

@@ -30,6 +30,7 @@ class DiffusionConfig:
     noise_scale: float = 1.0      # noise std relative to the schedule's; > 1 makes every t noisier
     self_cond_rate: float = 0.5   # share of training batches that get a self-conditioning pass
     ce_weight: float = 1.0        # loss = mse + ce_weight * ce
+    skip: bool = False            # x̂0 = √γ x_t + √(1-γ) net(...): see Diffusion.denoise
     # Sampling defaults, measured with evaluate.py (README, "Few steps"): 20 ancestral steps,
     # short ones at high noise, a slightly sharpened interpolation, beat 200 plain DDIM steps.
     sampler: str = "ddpm"         # update rule: a name in SAMPLERS
@@ -196,6 +197,13 @@ class TimeWarp:
         inside = (u - cdf[k]) / (cdf[k + 1] - cdf[k])
         return ((k + inside) / len(self.loss)).clamp(0, 1 - 1e-6)
 
+    def mse_weight(self, t: torch.Tensor) -> torch.Tensor:
+        """(B,) weights for the MSE of rows drawn at warped times t (B,): where the warp draws less
+        often than uniform draws would, uniform density over the warp's, else 1. So the MSE at every
+        t counts at least as much as with uniform draws, and more where the warp looks more. Without
+        them the estimate at low t, where the warp seldom draws, is left imprecise."""
+        return (1 / (len(self.loss) * self.density()[self.bin_of(t)])).clamp(min=1)
+
     def bin_of(self, t: torch.Tensor) -> torch.Tensor:
         return (t * len(self.loss)).long().clamp(0, len(self.loss) - 1)
 
@@ -225,6 +233,18 @@ class Diffusion:
         self.gamma = lambda t: (lambda g: g / (g + cfg.noise_scale ** 2 * (1 - g)))(schedule(t))
         get_sampler(cfg.sampler), get_spacing(cfg.spacing)  # fail now, not after training
 
+    def denoise(self, x_t, x_cond, x_self, t, length_mask, net=None):
+        """x̂0 from the network. With `skip` (EDM's c_skip and c_out, Karras et al. 2022, in the
+        notation of this file), the network adds only what x_t does not show: √γ x_t is already the
+        best linear guess of x0 (each coordinate of x0 has unit scale), and √(1-γ) is the scale of
+        what it misses. Near t = 0 the estimate is then x_t itself from the first step of training,
+        and the network's errors are scaled down; near t = 1 it is the network's output, as without."""
+        out = (net or self.model)(x_t, x_cond, x_self, t, length_mask)
+        if not self.cfg.skip:
+            return out
+        gamma = self.gamma(t)[:, None, None].to(out.dtype)  # (B, 1, 1)
+        return gamma.sqrt() * x_t.to(out.dtype) + (1 - gamma).sqrt() * out
+
     def inputs(self, ids, cond_mask):
         """Clean embeddings x0 and the context channel x_cond = x0 at context positions, else 0."""
         x0 = self.model.embeddings()[ids]  # (B, L, E)
@@ -232,7 +252,7 @@ class Diffusion:
         return x0, torch.where(cond, x0, torch.zeros_like(x0))
 
     def loss(self, ids, length_mask, cond_mask, t=None, gen=None, eps=None, self_cond=None, denom=None,
-             target_index=None):
+             target_index=None, mse_weight=None):
         """MSE on x̂0 plus cross-entropy on the tied logits, both averaged over the positions to
         generate (inside the length mask, outside the context). Returns a dict of scalars:
         loss (to minimise), mse, ce and acc (token accuracy on those positions), and ce_each, the (N,)
@@ -241,7 +261,8 @@ class Diffusion:
         t (B,), eps (B, L, E) and self_cond (bool) are drawn from `gen` unless given. `denom`
         replaces the local count of positions: with data parallelism, one count for the whole
         batch makes the averaged gradient that of one big batch. `target_index`, the flat indices of
-        the positions to generate, is found here if not given (on a GPU, a host-device sync)."""
+        the positions to generate, is found here if not given (on a GPU, a host-device sync).
+        `mse_weight` (B,) weighs each row's MSE (TimeWarp.mse_weight)."""
         B, L = ids.shape
         dev = ids.device
         if t is None:
@@ -261,10 +282,10 @@ class Diffusion:
         # gradient gives an estimate that the second pass sees as input, as it will when sampling.
         if self_cond:
             with torch.no_grad():
-                first = self.net(x_t, x_cond, x_self, t, length_mask)
+                first = self.denoise(x_t, x_cond, x_self, t, length_mask, self.net)
                 x_self = torch.where(cond, 0.0, self.model.interpolate(first)[0])
 
-        x0_hat = self.net(x_t, x_cond, x_self, t, length_mask)
+        x0_hat = self.denoise(x_t, x_cond, x_self, t, length_mask, self.net)
         # Only the positions to generate (inside the length, outside the context) enter the loss,
         # so only they are read out: (N, E) rows, N = their count.
         if target_index is None:
@@ -273,6 +294,8 @@ class Diffusion:
         x0_hat, x0, y = pick(x0_hat).float(), pick(x0), pick(ids)  # (N, E), (N, E), (N,)
         n = max(1, len(target_index)) if denom is None else denom
         mse = ((x0_hat - x0) ** 2).mean(-1)  # (N,)
+        if mse_weight is not None:
+            mse = mse * mse_weight[target_index // L]
         ce, pred = tied_cross_entropy(x0_hat, self.model.readout(), y)  # (N,), (N,)
         out = {"mse": mse.sum() / n, "ce": ce.sum() / n, "acc": (pred == y).float().sum() / n}
         out["loss"] = out["mse"] + self.cfg.ce_weight * out["ce"]
@@ -322,14 +345,14 @@ class Diffusion:
                 # and without it (it learnt both: training drops all context from some rows), in
                 # one batch of 2B rows. The unconditional half sees noise at context positions, as
                 # its training rows did, and its own self-conditioning estimate everywhere.
-                both = self.model(torch.cat([x_in, x_t]), torch.cat([x_cond, torch.zeros_like(x_cond)]),
+                both = self.denoise(torch.cat([x_in, x_t]), torch.cat([x_cond, torch.zeros_like(x_cond)]),
                                   torch.cat([x_self, x_self_uncond]), t.expand(2 * len(ids)), length_mask.repeat(2, 1))
                 x0_cond, x0_uncond = both.float().chunk(2)  # 2 x (B, L, E)
                 # at context positions the conditional output was never trained (no loss there):
                 # x_t there, which only the unconditional half reads, follows the unconditional estimate
                 x0_hat = torch.where(cond, x0_uncond, x0_uncond + guidance * (x0_cond - x0_uncond))
             else:
-                x0_hat = self.model(x_in, x_cond, x_self, t.expand(len(ids)), length_mask)
+                x0_hat = self.denoise(x_in, x_cond, x_self, t.expand(len(ids)), length_mask)
             # Step with the interpolated estimate: it lies among the token embeddings, where x0 lives.
             x0_hat, best = self.model.interpolate(x0_hat, temperature, no_pad)
             if s < snap:  # step with the likeliest token's own embedding

@@ -61,6 +61,8 @@ class TrainConfig:
     time_draw: str = "warped"  # how t is drawn for each row: uniform, stratified or warped (TimeWarp)
     warp_floor: float = 0.2    # share of the warped draws that stay uniform
     self_cond_rate: float = 0.5
+    mse_reweight: bool = True  # with warped t, weigh the MSE so that it counts every t alike
+    skip: bool = False         # the network predicts what x_t misses of x0 (Diffusion.denoise)
     embed_dim: int = 0         # 0: the preset's
     open_rate: float = 0.0     # share of batches that teach gaps of open length ([gap:..N]); they cost time
     ema: float = 0.0           # decay of a moving average of the weights for sampling (0: none)
@@ -144,7 +146,7 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
         # settings that define the model, the noise or the data: a resumed run must keep them
         before = resume.get("train_config", {})
         for key in ("preset", "max_len", "embed_dim", "backbone", "schedule", "noise_scale", "uncond_rate", "sampler",
-                    "self_cond_rate"):
+                    "self_cond_rate", "skip"):
             if key in before and before[key] != getattr(cfg, key):
                 raise UserError(f"{ckpt_path} was trained with --{key.replace('_', '-')} {before[key]}; resuming "
                                 f"with {getattr(cfg, key)} would not continue that run: use the same value or another --out")
@@ -162,7 +164,7 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
             mcfg.embed_dim = cfg.embed_dim
         mcfg.backbone = cfg.backbone
         dcfg = DiffusionConfig(noise_scale=cfg.noise_scale, schedule=cfg.schedule, sampler=cfg.sampler,
-                               self_cond_rate=cfg.self_cond_rate)
+                               self_cond_rate=cfg.self_cond_rate, skip=cfg.skip)
         try:
             model = build_model(mcfg).to(device)
         except ValueError as e:
@@ -298,6 +300,7 @@ def train_step(diffusion, batch, cfg, step, rank, world, device, bf16=False, war
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
     # (B,): independent uniform draws, or stratified ones, warped or not
     t = torch.rand(B, generator=g) if warp is None else warp.draw(B, g, warped=cfg.time_draw == "warped")
+    w = warp.mse_weight(t) if cfg.time_draw == "warped" and cfg.mse_reweight else None  # (B,) or None
     eps = torch.randn(B, L, diffusion.model.cfg.embed_dim, generator=g)  # (B, L, E)
     self_cond = torch.rand((), generator=g).item() < diffusion.cfg.self_cond_rate
     # the average over all target positions of the global batch, whatever the split
@@ -313,7 +316,8 @@ def train_step(diffusion, batch, cfg, step, rank, world, device, bf16=False, war
             with autocast(device, bf16):
                 parts = diffusion.loss(ids[r].to(device), length_mask[r].to(device), cond_mask[r].to(device),
                                        t=t[r].to(device), eps=eps[r].to(device), self_cond=self_cond,
-                                       denom=denom.to(device), target_index=target_index.to(device))
+                                       denom=denom.to(device), target_index=target_index.to(device),
+                                       mse_weight=None if w is None else w[r].to(device))
             parts["loss"].backward()
         ce_each = parts.pop("ce_each")
         if warp is not None:  # each position's cross-entropy goes to the bin of its row's t, on the device
@@ -403,6 +407,9 @@ def parse_args(argv=None) -> TrainConfig:
                    help="how t is drawn: uniform (independent), stratified (evenly spread over each batch), warped (CDCD: where the loss changes)")
     p.add_argument("--warp-floor", type=float, default=d.warp_floor, help="share of uniform draws mixed into the warped ones")
     p.add_argument("--self-cond-rate", type=float, default=d.self_cond_rate, help="share of batches trained with a self-conditioning pass")
+    p.add_argument("--no-mse-reweight", dest="mse_reweight", action="store_false",
+                   help="with warped t, let the MSE follow the warp too (see TimeWarp.mse_weight)")
+    p.add_argument("--skip", action="store_true", help="the network predicts what x_t misses of x0, not x0 (see Diffusion.denoise)")
     p.add_argument("--embed-dim", type=int, default=d.embed_dim, help="width E of the token embeddings the diffusion runs in (0: the preset's)")
     p.add_argument("--open-rate", type=float, default=d.open_rate,
                    help="share of batches that hide one span inside a longer gap, the rest padding: this teaches [gap:..N]")

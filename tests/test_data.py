@@ -130,6 +130,8 @@ def test_open_gap_batches(tok):
             fill = row[at]
             text = fill[fill != PAD]
             assert (fill[: len(text)] == text).all()  # the text first, then only padding
+            n = len(row[row != PAD]) - 1  # text tokens of the line, EOS not counted
+            assert 0.1 * n - 0.5 <= len(text) <= 0.5 * n + 0.5  # a part of the line, not most of it
             kept = row[row != PAD].tolist()
             assert kept in [x for x in c.ids]  # padding aside, the line is unchanged
     assert 3 <= seen_open <= 17

@@ -47,6 +47,16 @@ def test_loss_parts_are_finite_and_positive():
     assert out["loss"].item() == pytest.approx(out["mse"].item() + out["ce"].item(), rel=1e-5)
 
 
+def test_mse_weight_scales_each_rows_mse():
+    d = make(self_cond_rate=0.0)
+    ids, length_mask, cond_mask = batch()
+    run = lambda w: d.loss(ids, length_mask, cond_mask, t=torch.full((4,), 0.5),  # noqa: E731
+                           eps=torch.zeros(4, 9, 16), mse_weight=w)
+    plain, doubled, none = run(None), run(torch.full((4,), 2.0)), run(torch.zeros(4))
+    assert torch.allclose(doubled["mse"], 2 * plain["mse"]) and none["mse"] == 0
+    assert torch.allclose(doubled["ce"], plain["ce"])  # the cross-entropy is not weighted
+
+
 def test_loss_ignores_padding():
     d = make(self_cond_rate=1.0)
     ids, length_mask, cond_mask = batch()
@@ -179,9 +189,29 @@ def test_time_warp_draws_where_the_loss_rises():
     assert 0 <= t.min() and t.max() < 1
     late = (t >= 0.5).float().mean().item()
     assert abs(late - 0.9) < 0.03  # all the rise (0.8 of the draws) is late; the floor (0.2) spreads evenly
+    # the MSE's weights give back what the warp takes: 1 / floor where only the floor draws, 1 where
+    # the warp draws more often than uniform draws would
+    weight = w.mse_weight(t)
+    assert torch.allclose(weight[t < 0.5], torch.tensor(5.0), rtol=1e-3) and (weight[t >= 0.5] == 1).all()
     noisy = loss + torch.tensor([0.0] * 5 + [2.0] + [0.0] * 14)  # one noisy bin makes no spike
     w.loss = noisy
     assert w.density().max() < 0.2
+
+
+def test_skip_keeps_what_x_t_shows():
+    """With skip, x̂0 = √γ x_t + √(1-γ) net: at t = 0 the estimate is x_t whatever the network
+    says, at t = 1 the network's output alone. Without skip, always the network's output."""
+    d, plain = make(skip=True), make()
+    _, length_mask, _ = batch()
+    x_t = torch.randn(4, 9, d.model.cfg.embed_dim, generator=torch.Generator().manual_seed(1))
+    zero = torch.zeros_like(x_t)
+    at = lambda diff, t: diff.denoise(x_t, zero, zero, torch.full((4,), t), length_mask)  # noqa: E731
+    net = lambda t: d.model(x_t, zero, zero, torch.full((4,), t), length_mask)  # noqa: E731
+    assert torch.allclose(at(d, 0.0), x_t) and not torch.allclose(net(0.0), x_t, atol=0.1)
+    assert torch.allclose(at(d, 1.0), net(1.0), atol=1e-6)
+    assert torch.allclose(at(plain, 0.0), net(0.0)) and torch.allclose(at(plain, 0.5), net(0.5))
+    mid = d.gamma(torch.tensor(0.5))
+    assert torch.allclose(at(d, 0.5), mid.sqrt() * x_t + (1 - mid).sqrt() * net(0.5), atol=1e-6)
 
 
 def test_padding_is_written_only_where_allowed():

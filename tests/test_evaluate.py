@@ -187,6 +187,7 @@ def test_evaluate_end_to_end_twice(run_dir, corpus_file, capsys):
     o = a["open_gaps"]  # the spans of "span" again, each in a gap of all the room the model has
     assert o["lines"] == 6 and 0 <= o["aligned_acc"] <= 1 and o["length_mad"] >= 0
     assert o["true_length"]["mean"] <= o["fill_length"]["mean"] + o["length_mad"] + 1e-9
+    assert 0 <= o["length_mad_median"] <= o["true_length"]["std"] + 1e-9  # the median minimises it; below the std
     assert a["samples"]["judge_ppl"] > 1 and a["held_out"]["judge_ppl"] > 1
     assert a["samples"]["copied"] is not None  # the checkpoint's training corpus was found
     assert a["held_out"]["copied"] == 1.0  # --valid is the training corpus here

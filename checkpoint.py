@@ -1,4 +1,5 @@
-"""Checkpoints: everything needed to sample or to resume, in one file, written atomically.
+"""Checkpoints: everything needed to sample or to resume, in one file, written atomically; and the
+Ctrl-C handler that lets a training run save before it stops.
 
 A checkpoint holds the model and optimizer states, the step, the RNG states, every config as a plain
 dict and the tokenizer model's bytes: `sample.py` needs nothing else. Files are loaded with
@@ -8,10 +9,13 @@ import os
 import pickle
 import re
 import shutil
+import signal
+import sys
 import tempfile
 from dataclasses import asdict, fields
 
 import torch
+from tqdm import tqdm
 
 from data import UserError
 from diffusion import Diffusion, DiffusionConfig
@@ -19,6 +23,21 @@ from model import ModelConfig, build_model
 from tokenizer import Tokenizer
 
 VERSION = 1
+
+
+class StopFlag:
+    """First SIGINT/SIGTERM: finish the step, save, exit. Second: exit at once."""
+
+    def __init__(self):
+        self.stop = False
+        signal.signal(signal.SIGINT, self.handle)
+        signal.signal(signal.SIGTERM, self.handle)
+
+    def handle(self, signum, frame):
+        if self.stop:
+            os._exit(130)
+        self.stop = True
+        tqdm.write("stopping: saving a checkpoint (Ctrl-C again to quit at once)", file=sys.stderr)
 
 
 def save(path: str, keep: int | None = None, **state):

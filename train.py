@@ -11,7 +11,6 @@ import contextlib
 import json
 import math
 import os
-import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -61,7 +60,7 @@ class TrainConfig:
     time_draw: str = "warped"  # how t is drawn for each row: uniform, stratified or warped (TimeWarp)
     warp_floor: float = 0.2    # share of the warped draws that stay uniform
     self_cond_rate: float = 0.5
-    mse_reweight: bool = True  # with warped t, weigh the MSE so that it counts every t alike
+    mse_reweight: bool = True  # with warped t, give the MSE at every t at least its uniform share
     skip: bool = False         # the network predicts what x_t misses of x0 (Diffusion.denoise)
     embed_dim: int = 0         # 0: the preset's
     open_rate: float = 0.0     # share of batches that teach gaps of open length ([gap:..N]); they cost time
@@ -98,21 +97,6 @@ def validate(diffusion: Diffusion, corpus: Corpus, device, batch_size=64, max_ba
         sums += torch.tensor([parts[k].item() * n for k in ("loss", "mse", "ce", "acc")] + [n])
     sums = all_sum(sums, world)
     return {k: (sums[j] / sums[4].clamp(min=1)).item() for j, k in enumerate(("loss", "mse", "ce", "acc"))}
-
-
-class StopFlag:
-    """First SIGINT/SIGTERM: finish the step, save, exit. Second: exit at once."""
-
-    def __init__(self):
-        self.stop = False
-        signal.signal(signal.SIGINT, self.handle)
-        signal.signal(signal.SIGTERM, self.handle)
-
-    def handle(self, signum, frame):
-        if self.stop:
-            os._exit(130)
-        self.stop = True
-        tqdm.write("stopping: saving a checkpoint (Ctrl-C again to quit at once)", file=sys.stderr)
 
 
 def train(cfg: TrainConfig, quiet: bool = False) -> dict:
@@ -234,7 +218,7 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
             p = max(p, (elapsed_before + time.time() - start) / (60 * cfg.max_minutes))
         return p
 
-    stopper = StopFlag()
+    stopper = checkpoint.StopFlag()
     start = time.time()
     bar = tqdm(total=cfg.max_steps or None, initial=step, disable=quiet, dynamic_ncols=True, mininterval=1, file=sys.stdout)
     logged, sums, tokens, t_log = {}, {}, 0, time.time()

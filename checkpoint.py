@@ -104,7 +104,8 @@ def load(path: str, map_location="cpu") -> dict:
 
 
 # Settings added to the configs after checkpoints of this version were first written, with the value
-# that reproduces what those checkpoints did. Any other missing key is an error.
+# that reproduces what those checkpoints did (infill_temperature: their temperature, which they used
+# for templates too). Any other missing key is an error.
 ADDED_LATER = {"backbone": "estimator", "spacing": "uniform", "temperature": 1.0, "snap": 0.0, "skip": False}
 
 
@@ -112,6 +113,8 @@ def config_from(cls, d: dict, what: str):
     """Rebuild a config dataclass, naming any key that this code does not know or lacks."""
     names = {f.name for f in fields(cls)}
     d = {**{k: v for k, v in ADDED_LATER.items() if k in names}, **d}
+    if "infill_temperature" in names:
+        d.setdefault("infill_temperature", d["temperature"])
     unknown, missing = sorted(set(d) - names), sorted(names - set(d))
     if unknown or missing:
         raise UserError(f"{what} config does not match this code: unknown keys {unknown}, missing keys {missing}")

@@ -36,7 +36,8 @@ class DiffusionConfig:
     sampler: str = "ddpm"         # update rule: a name in SAMPLERS
     steps: int = 20               # default number of sampling steps
     spacing: str = "quadratic"    # where the sampling steps fall in t: a name in SPACINGS
-    temperature: float = 0.8      # softmax temperature of the sampler's interpolation
+    temperature: float = 0.8      # softmax temperature of the sampler's interpolation, for samples
+    infill_temperature: float = 0.5  # the same for filling a template's gaps: a fill should be likely, samples varied
     snap: float = 0.0             # below this t, step with the likeliest token's embedding (0: never)
 
 

@@ -239,8 +239,9 @@ def text_stats(texts, tokens, judge, tok, train_set) -> dict:
 def evaluate(diffusion, tok, valid_lines, judge=None, train_lines=None, length_hist=None, num_lines=200,
              num_samples=200, steps=DiffusionConfig.steps, sampler=DiffusionConfig.sampler, seed=0, batch_size=64,
              spacing=DiffusionConfig.spacing, guidance=1.0, temperature=DiffusionConfig.temperature,
-             snap=DiffusionConfig.snap) -> dict:
-    """All sections as a dict of plain values (the JSON)."""
+             snap=DiffusionConfig.snap, infill_temperature=DiffusionConfig.infill_temperature) -> dict:
+    """All sections as a dict of plain values (the JSON). Infilling and open gaps are sampled at
+    `infill_temperature`, unconditional samples at `temperature`, as sample.py does by default."""
     max_len = diffusion.model.cfg.max_len
     pick = torch.randperm(len(valid_lines), generator=torch.Generator().manual_seed(seed))[:num_lines]
     lines = [valid_lines[i] for i in sorted(pick.tolist())]
@@ -250,12 +251,14 @@ def evaluate(diffusion, tok, valid_lines, judge=None, train_lines=None, length_h
     if train_lines:
         train_set = {" ".join(tok.decode(ids).split()) for ids in Corpus(train_lines, tok, max_len).ids}
     r = {"settings": {"num_lines": len(lines), "num_samples": num_samples, "steps": steps, "sampler": sampler,
-                      "spacing": spacing, "guidance": guidance, "temperature": temperature, "snap": snap, "seed": seed, "judge": judge is not None,
+                      "spacing": spacing, "guidance": guidance, "temperature": temperature,
+                      "infill_temperature": infill_temperature, "snap": snap, "seed": seed, "judge": judge is not None,
                       "train": train_set is not None}}
     r["denoising"] = denoising(diffusion, corpus, TIMES, seed, batch_size)
     r["infilling"] = {kind: infilling(diffusion, corpus, kind, steps, sampler, seed, batch_size, spacing, guidance,
-                                      temperature, snap) for kind in HIDE}
-    r["open_gaps"] = open_infilling(diffusion, corpus, steps, sampler, seed, batch_size, spacing, temperature, snap)
+                                      infill_temperature, snap) for kind in HIDE}
+    r["open_gaps"] = open_infilling(diffusion, corpus, steps, sampler, seed, batch_size, spacing, infill_temperature,
+                                    snap)
     texts, tokens, seconds = unconditional(diffusion, tok, num_samples, steps, sampler, seed, length_hist, batch_size,
                                            spacing, temperature, snap)
     r["samples"] = text_stats(texts, tokens, judge, tok, train_set)
@@ -272,8 +275,8 @@ def table(r) -> str:
     out = [f"denoising: {s['num_lines']} held-out lines, no context, self-conditioning off",
            "  t" + " " * 30 + "".join(f"{t:>8}" for t in r["denoising"])]
     out += [f"  {k:<31}" + "".join(f"{v[k]:>8.3f}" for v in r["denoising"].values()) for k in ("mse", "ce", "acc")]
-    out += [f"infilling: {s['steps']} {s['sampler']} steps, {s['spacing']} spacing, temperature {s['temperature']:g}, "
-            f"guidance {s['guidance']:g}",
+    out += [f"infilling: {s['steps']} {s['sampler']} steps, {s['spacing']} spacing, "
+            f"temperature {s.get('infill_temperature', s['temperature']):g}, guidance {s['guidance']:g}",
             row("", "token acc", "exact lines")]
     for kind, label in (("span", "one span, 25-50% hidden"), ("scattered", "scattered, 15% hidden")):
         out.append(row(label, *(f"{r['infilling'][kind][k]:.3f}" for k in ("acc", "exact"))))
@@ -286,8 +289,8 @@ def table(r) -> str:
             row("  the same, guessing the median", f"{o['length_mad_median']:.2f}"),
             row("length: correlation", f"{o['length_corr']:.3f}"),
             row("aligned token accuracy", f"{o['aligned_acc']:.3f}"), row("exact fills", f"{o['exact']:.3f}")]
-    out += [f"samples: {s['num_samples']} unconditional ({s['steps']} {s['sampler']} steps, {s['spacing']} spacing), "
-            "beside the held-out lines", row("", "samples", "held-out")]
+    out += [f"samples: {s['num_samples']} unconditional ({s['steps']} {s['sampler']} steps, {s['spacing']} spacing, "
+            f"temperature {s['temperature']:g}), beside the held-out lines", row("", "samples", "held-out")]
     for key, label, spec in (("judge_ppl", "judge perplexity", ".2f"), ("entropy", "unigram entropy (nats)", ".3f"),
                              ("distinct_2", "distinct-2", ".3f"), ("copied", "copied from training", ".3f"),
                              ("length_mean", "length mean (tokens)", ".2f"), ("length_std", "length std", ".2f")):
@@ -343,7 +346,9 @@ def main(argv=None):
     p.add_argument("--sampler", default=DiffusionConfig.sampler, help=f"update rule, one of {', '.join(SAMPLERS)}")
     p.add_argument("--spacing", default=DiffusionConfig.spacing, help=f"where the steps fall in t, one of {', '.join(SPACINGS)}")
     p.add_argument("--temperature", type=float, default=DiffusionConfig.temperature,
-                   help="softmax temperature of the sampler's interpolation")
+                   help="softmax temperature of the sampler's interpolation, for unconditional samples")
+    p.add_argument("--infill-temperature", type=float, default=DiffusionConfig.infill_temperature,
+                   help="the same, for infilling and gaps of open length")
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance weight for infilling (1: none)")
     p.add_argument("--snap", type=float, default=DiffusionConfig.snap, help="below this t, step with the likeliest token's embedding")
     p.add_argument("--seed", type=int, default=0, help="seed of every draw: the same seed gives the same numbers")
@@ -365,8 +370,9 @@ def main(argv=None):
         return
     if not a.ckpt or not a.valid:
         p.error("give --ckpt and --valid (or --compare BEFORE AFTER)")
-    if min(a.num_lines, a.num_samples, a.steps, a.batch_size) < 1 or a.threads < 0 or not a.temperature > 0:
-        p.error("--num-lines, --num-samples, --steps and --batch-size must be at least 1; --threads not negative; --temperature positive")
+    if min(a.num_lines, a.num_samples, a.steps, a.batch_size) < 1 or a.threads < 0 or not min(a.temperature, a.infill_temperature) > 0:
+        p.error("--num-lines, --num-samples, --steps and --batch-size must be at least 1; --threads not negative; "
+                "--temperature and --infill-temperature positive")
     torch.set_num_threads(a.threads or os.cpu_count() or 1)
     try:
         get_sampler(a.sampler), get_spacing(a.spacing)
@@ -386,7 +392,7 @@ def main(argv=None):
             raise UserError(f"--json {a.json}: no such folder")
         r = evaluate(diffusion, tok, valid_lines, judge, train_lines, ckpt.get("length_hist"), a.num_lines,
                      a.num_samples, a.steps, a.sampler, a.seed, a.batch_size, a.spacing, a.guidance, a.temperature,
-                     a.snap)
+                     a.snap, a.infill_temperature)
     except UserError as e:
         sys.exit(f"error: {e}")
     r["settings"].update(checkpoint_step=ckpt.get("step"), train_file=train_path if train_lines else None)

@@ -74,9 +74,12 @@ def test_a_checkpoint_of_an_unregistered_backbone_is_a_clear_error(tok):
 def test_a_setting_added_later_reproduces_old_checkpoints():
     """A checkpoint written before a setting existed loads with the value it was made with; any
     other missing key is still an error."""
-    old = {k: v for k, v in DiffusionConfig().__dict__.items() if k not in ("temperature", "spacing", "skip")}
+    old = {k: v for k, v in DiffusionConfig().__dict__.items() if k not in ("temperature", "spacing", "skip", "infill_temperature")}
     cfg = checkpoint.config_from(DiffusionConfig, old, "diffusion")
-    assert cfg.temperature == 1.0 and cfg.spacing == "uniform" and cfg.skip is False
+    assert cfg.temperature == cfg.infill_temperature == 1.0 and cfg.spacing == "uniform" and cfg.skip is False
+    # infill_temperature came later still: a checkpoint without it fills templates at its temperature
+    cfg = checkpoint.config_from(DiffusionConfig, {**old, "temperature": 0.9}, "diffusion")
+    assert cfg.infill_temperature == 0.9 and cfg.temperature == 0.9
     no_schedule = {k: v for k, v in DiffusionConfig().__dict__.items() if k != "schedule"}
     with pytest.raises(UserError, match="missing keys \\['schedule'\\]"):
         checkpoint.config_from(DiffusionConfig, no_schedule, "diffusion")

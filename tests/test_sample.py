@@ -1,7 +1,9 @@
 import pytest
 
 from data import UserError
-from sample import fill_template, parse_template
+from diffusion import Diffusion, DiffusionConfig
+from model import Estimator, tiny
+from sample import fill_template, generate, parse_template
 from tokenizer import EOS, PAD
 
 
@@ -64,3 +66,18 @@ def test_gaps_of_open_length(tok):
     ids[a:b] = fox + [PAD] * (4 - len(fox))  # the model used part of the gap; decoding drops the padding
     ids[c:d] = (fox * 2)[:2]
     assert fill_template(template, tok, ids, gaps).startswith("the red fox fox over the ")
+
+
+def test_templates_are_filled_at_the_infill_temperature(tok):
+    """A fill should be the likeliest text, a sample a varied one: templates default to the
+    checkpoint's infill_temperature, a prefix or no context to its temperature; a given one wins."""
+    cfg = tiny()
+    cfg.vocab_size = tok.vocab_size
+    diffusion = Diffusion(Estimator(cfg), DiffusionConfig(temperature=0.8, infill_temperature=0.3, steps=2))
+    used, sample = [], diffusion.sample
+    diffusion.sample = lambda *a, **kw: used.append(kw["temperature"]) or sample(*a, **kw)
+    generate(diffusion, tok, templates=["the red fox [gap:2] dog"], num_samples=2)
+    generate(diffusion, tok, prefix="the red", num_samples=2)
+    generate(diffusion, tok, num_samples=2)
+    generate(diffusion, tok, templates=["the red fox [gap:2] dog"], temperature=0.6)
+    assert used == [0.3, 0.8, 0.8, 0.6]

@@ -312,7 +312,8 @@ class Diffusion:
         length_mask: (B, L) True on the positions to produce (the text and its EOS)
         cond_mask:   (B, L) True where ids are given; they stay fixed at every step
         sampler, spacing, temperature: names in SAMPLERS and SPACINGS, and the interpolation's
-                     softmax temperature (default: the config's)
+                     softmax temperature (default: the config's; sample.generate passes the
+                     config's infill_temperature for templates)
         guidance:    classifier-free guidance weight W: x̂0 = x̂0_uncond + W (x̂0_cond - x̂0_uncond).
                      1 is the plain conditional model, 0 ignores the context, above 1 follows it
                      harder. W != 1 costs a second network evaluation a step.

@@ -283,8 +283,9 @@ def train_step(diffusion, batch, cfg, step, rank, world, device, bf16=False, war
     B, L = ids.shape
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
     # (B,): independent uniform draws, or stratified ones, warped or not
-    t = torch.rand(B, generator=g) if warp is None else warp.draw(B, g, warped=cfg.time_draw == "warped")
-    w = warp.mse_weight(t) if cfg.time_draw == "warped" and cfg.mse_reweight else None  # (B,) or None
+    warped = cfg.time_draw == "warped"
+    t = torch.rand(B, generator=g) if warp is None else warp.draw(B, g, warped=warped)
+    w = warp.mse_weight(t) if warped and cfg.mse_reweight else None  # (B,) or None
     eps = torch.randn(B, L, diffusion.model.cfg.embed_dim, generator=g)  # (B, L, E)
     self_cond = torch.rand((), generator=g).item() < diffusion.cfg.self_cond_rate
     # the average over all target positions of the global batch, whatever the split

@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from data import UserError
-from diffusion import Diffusion, DiffusionConfig
+from diffusion import Diffusion, DiffusionConfig, TimeWarp
 from model import ModelConfig, build_model
 from tokenizer import Tokenizer
 
@@ -104,8 +104,8 @@ def load(path: str, map_location="cpu") -> dict:
 
 
 # Settings added to the configs after checkpoints of this version were first written, with the value
-# that reproduces what those checkpoints did (infill_temperature: their temperature, which they used
-# for templates too). Any other missing key is an error.
+# that reproduces what those checkpoints did (infill_temperature and infill_spacing: their temperature
+# and spacing, which they used for templates too). Any other missing key is an error.
 ADDED_LATER = {"backbone": "estimator", "spacing": "uniform", "temperature": 1.0, "snap": 0.0, "skip": False}
 
 
@@ -115,6 +115,7 @@ def config_from(cls, d: dict, what: str):
     d = {**{k: v for k, v in ADDED_LATER.items() if k in names}, **d}
     if "infill_temperature" in names:
         d.setdefault("infill_temperature", d["temperature"])
+        d.setdefault("infill_spacing", d["spacing"])
     unknown, missing = sorted(set(d) - names), sorted(names - set(d))
     if unknown or missing:
         raise UserError(f"{what} config does not match this code: unknown keys {unknown}, missing keys {missing}")
@@ -141,8 +142,12 @@ def build(ckpt: dict, device="cpu", ema=True):
         raise UserError(f"checkpoint's model config: {e}") from None
     load_state(model, ckpt["ema"] if ema and "ema" in ckpt else ckpt["model"])
     model.to(device).eval()
+    warp = None  # the loss curve training fitted, for the warped spacing; older checkpoints lack it
+    if "time_warp" in ckpt:
+        warp = TimeWarp(bins=len(ckpt["time_warp"]), floor=ckpt.get("train_config", {}).get("warp_floor", 0.2))
+        warp.loss = ckpt["time_warp"].float().cpu()
     try:
-        return tok, model, Diffusion(model, dcfg)
+        return tok, model, Diffusion(model, dcfg, warp)
     except ValueError as e:  # a schedule or sampler name this code does not know
         raise UserError(f"checkpoint's diffusion config: {e}") from None
 

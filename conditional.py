@@ -74,7 +74,7 @@ def main(argv=None):
     m.add_argument("--num-samples", type=int, default=100, help="samples per label and weight")
     m.add_argument("--steps", type=int, help="denoising steps (default: the checkpoint's)")
     m.add_argument("--sampler", default=DiffusionConfig.sampler, help="update rule (a name in diffusion.SAMPLERS)")
-    m.add_argument("--spacing", default=DiffusionConfig.spacing, help="step spacing (a name in diffusion.SPACINGS)")
+    m.add_argument("--spacing", default="", help="step spacing (a name in diffusion.SPACINGS; default: the checkpoint's)")
     m.add_argument("--temperature", type=float, default=DiffusionConfig.temperature, help="interpolation temperature")
     m.add_argument("--seed", type=int, default=0, help="seed: the same seed gives the same samples")
     a = p.parse_args(argv)
@@ -101,7 +101,7 @@ def main(argv=None):
     print(f"{'guidance':>8}  " + "  ".join(f"{label + ' own/other/none':>30}" for label in LABELS) + "  mean own")
     for w in a.guidance:
         try:
-            r = measure(diffusion, tok, w, a.num_samples, a.steps, a.seed, ckpt.get("length_hist"), a.sampler, a.spacing,
+            r = measure(diffusion, tok, w, a.num_samples, a.steps, a.seed, ckpt.get("length_hist"), a.sampler, a.spacing or None,
                         a.temperature)
         except ValueError as e:  # an unknown sampler or spacing, a temperature that is not positive
             sys.exit(f"error: {e}")

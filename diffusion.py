@@ -35,7 +35,8 @@ class DiffusionConfig:
     # short ones at high noise, a slightly sharpened interpolation, beat 200 plain DDIM steps.
     sampler: str = "ddpm"         # update rule: a name in SAMPLERS
     steps: int = 20               # default number of sampling steps
-    spacing: str = "quadratic"    # where the sampling steps fall in t: a name in SPACINGS
+    spacing: str = "warped"       # where the sampling steps fall in t, for samples: a name in SPACINGS
+    infill_spacing: str = "quadratic"  # the same for filling a template's gaps (README, "Better text")
     temperature: float = 0.8      # softmax temperature of the sampler's interpolation, for samples
     infill_temperature: float = 0.5  # the same for filling a template's gaps: a fill should be likely, samples varied
     snap: float = 0.0             # below this t, step with the likeliest token's embedding (0: never)
@@ -96,24 +97,36 @@ def get_sampler(name):
 
 
 # --- step spacings: a number of steps -> the times t_0 = 1 > t_1 > ... > t_steps = 0 -------------
+# Each takes the TimeWarp that training fitted (None if there is none); only the warped one reads it.
 
-def uniform_spacing(steps):
+def uniform_spacing(steps, warp=None):
     """Equal steps in t."""
     return torch.linspace(1, 0, steps + 1)
 
 
-def quadratic_spacing(steps):
+def quadratic_spacing(steps, warp=None):
     """t_i = 1 - (i / steps)²: short steps at high noise, where the tokens are decided, and long ones
     near t = 0, where the estimate no longer changes."""
     return 1 - torch.linspace(0, 1, steps + 1) ** 2
 
 
-def sqrt_spacing(steps):
+def sqrt_spacing(steps, warp=None):
     """t_i = 1 - √(i / steps): the opposite, short steps near t = 0."""
     return 1 - torch.linspace(0, 1, steps + 1).sqrt()
 
 
-SPACINGS = {"uniform": uniform_spacing, "quadratic": quadratic_spacing, "sqrt": sqrt_spacing}
+def warped_spacing(steps, warp=None):
+    """The steps fall where training draws t (TimeWarp): t_i = F^-1(1 - i / steps), F the warp's
+    cumulative density, so each step covers an equal share of it. The warp follows the
+    cross-entropy, so the steps crowd where the tokens are being decided (on E2E, t = 0.75-0.95)
+    and a few long ones cross the low noise, where nothing is left to decide. A warp that has seen
+    no loss (a model not trained by train.py) gives uniform steps."""
+    ts = (warp or TimeWarp()).inverse(torch.linspace(1, 0, steps + 1))
+    ts[0], ts[-1] = 1.0, 0.0
+    return ts
+
+
+SPACINGS = {"uniform": uniform_spacing, "quadratic": quadratic_spacing, "sqrt": sqrt_spacing, "warped": warped_spacing}
 
 
 def get_spacing(name):
@@ -191,12 +204,14 @@ class TimeWarp:
         """(n,) times in [0, 1): stratified uniform, then through the warp if `warped`."""
         u = (torch.rand((), generator=gen) + torch.arange(n)) / n  # one offset, n even strata
         u = u[torch.randperm(n, generator=gen)]  # rows come sorted by length: no link to t
-        if not warped:
-            return u
+        return self.inverse(u).clamp(max=1 - 1e-6) if warped else u
+
+    def inverse(self, u: torch.Tensor) -> torch.Tensor:
+        """F^-1(u): the times t (n,) below which a share u (n,) of the warp's draws fall."""
         cdf = torch.cat([torch.zeros(1), self.density().cumsum(0)])  # (bins + 1,) at the bin edges
-        k = torch.searchsorted(cdf, u, right=True).clamp(1, len(self.loss)) - 1  # bin of each draw
-        inside = (u - cdf[k]) / (cdf[k + 1] - cdf[k])
-        return ((k + inside) / len(self.loss)).clamp(0, 1 - 1e-6)
+        k = torch.searchsorted(cdf, u, right=True).clamp(1, len(self.loss)) - 1  # bin of each u
+        inside = (u - cdf[k]) / (cdf[k + 1] - cdf[k]).clamp(min=1e-12)
+        return ((k + inside) / len(self.loss)).clamp(0, 1)
 
     def mse_weight(self, t: torch.Tensor) -> torch.Tensor:
         """(B,) weights for the MSE of rows drawn at warped times t (B,): where the warp draws less
@@ -226,13 +241,14 @@ class TimeWarp:
 class Diffusion:
     """Wraps a denoiser (model.Denoiser) with the forward process, the loss and the samplers."""
 
-    def __init__(self, model, cfg: DiffusionConfig):
+    def __init__(self, model, cfg: DiffusionConfig, warp: TimeWarp | None = None):
         self.model, self.cfg = model, cfg
+        self.warp = warp  # training's TimeWarp, if any: where the warped spacing puts the sampling steps
         self.net = model  # what the training forward calls: the model, or its DistributedDataParallel wrapper
         schedule = get_schedule(cfg.schedule)
         # Scaling the noise by s divides the signal-to-noise ratio γ/(1-γ) by s²; the endpoints stay.
         self.gamma = lambda t: (lambda g: g / (g + cfg.noise_scale ** 2 * (1 - g)))(schedule(t))
-        get_sampler(cfg.sampler), get_spacing(cfg.spacing)  # fail now, not after training
+        get_sampler(cfg.sampler), get_spacing(cfg.spacing), get_spacing(cfg.infill_spacing)  # fail now, not after training
 
     def denoise(self, x_t, x_cond, x_self, t, length_mask, net=None):
         """x̂0 from the network. With `skip` (EDM's c_skip and c_out, Karras et al. 2022, in the
@@ -313,7 +329,7 @@ class Diffusion:
         cond_mask:   (B, L) True where ids are given; they stay fixed at every step
         sampler, spacing, temperature: names in SAMPLERS and SPACINGS, and the interpolation's
                      softmax temperature (default: the config's; sample.generate passes the
-                     config's infill_temperature for templates)
+                     config's infill_spacing and infill_temperature for templates)
         guidance:    classifier-free guidance weight W: x̂0 = x̂0_uncond + W (x̂0_cond - x̂0_uncond).
                      1 is the plain conditional model, 0 ignores the context, above 1 follows it
                      harder. W != 1 costs a second network evaluation a step.
@@ -338,7 +354,7 @@ class Diffusion:
         cond = cond_mask[..., None]
         x_t = torch.randn(x0_ctx.shape, generator=gen, device=ids.device)  # x_1 ~ N(0, I)
         x_self = x_self_uncond = torch.zeros_like(x_t)
-        ts = get_spacing(spacing or self.cfg.spacing)(steps).to(ids.device)  # (steps + 1,)
+        ts = get_spacing(spacing or self.cfg.spacing)(steps, self.warp).to(ids.device)  # (steps + 1,)
         for i in range(steps):
             t, s = ts[i], ts[i + 1]
             x_in = torch.where(cond, x0_ctx, x_t)

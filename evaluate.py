@@ -238,10 +238,13 @@ def text_stats(texts, tokens, judge, tok, train_set) -> dict:
 
 def evaluate(diffusion, tok, valid_lines, judge=None, train_lines=None, length_hist=None, num_lines=200,
              num_samples=200, steps=DiffusionConfig.steps, sampler=DiffusionConfig.sampler, seed=0, batch_size=64,
-             spacing=DiffusionConfig.spacing, guidance=1.0, temperature=DiffusionConfig.temperature,
-             snap=DiffusionConfig.snap, infill_temperature=DiffusionConfig.infill_temperature) -> dict:
+             spacing=None, guidance=1.0, temperature=DiffusionConfig.temperature,
+             snap=DiffusionConfig.snap, infill_temperature=DiffusionConfig.infill_temperature,
+             infill_spacing=None) -> dict:
     """All sections as a dict of plain values (the JSON). Infilling and open gaps are sampled at
-    `infill_temperature`, unconditional samples at `temperature`, as sample.py does by default."""
+    `infill_temperature` with `infill_spacing`, unconditional samples at `temperature` with `spacing`,
+    as sample.py does by default; the spacings default to the checkpoint's."""
+    spacing, infill_spacing = spacing or diffusion.cfg.spacing, infill_spacing or diffusion.cfg.infill_spacing
     max_len = diffusion.model.cfg.max_len
     pick = torch.randperm(len(valid_lines), generator=torch.Generator().manual_seed(seed))[:num_lines]
     lines = [valid_lines[i] for i in sorted(pick.tolist())]
@@ -251,13 +254,13 @@ def evaluate(diffusion, tok, valid_lines, judge=None, train_lines=None, length_h
     if train_lines:
         train_set = {" ".join(tok.decode(ids).split()) for ids in Corpus(train_lines, tok, max_len).ids}
     r = {"settings": {"num_lines": len(lines), "num_samples": num_samples, "steps": steps, "sampler": sampler,
-                      "spacing": spacing, "guidance": guidance, "temperature": temperature,
+                      "spacing": spacing, "infill_spacing": infill_spacing, "guidance": guidance, "temperature": temperature,
                       "infill_temperature": infill_temperature, "snap": snap, "seed": seed, "judge": judge is not None,
                       "train": train_set is not None}}
     r["denoising"] = denoising(diffusion, corpus, TIMES, seed, batch_size)
-    r["infilling"] = {kind: infilling(diffusion, corpus, kind, steps, sampler, seed, batch_size, spacing, guidance,
-                                      infill_temperature, snap) for kind in HIDE}
-    r["open_gaps"] = open_infilling(diffusion, corpus, steps, sampler, seed, batch_size, spacing, infill_temperature,
+    r["infilling"] = {kind: infilling(diffusion, corpus, kind, steps, sampler, seed, batch_size, infill_spacing,
+                                      guidance, infill_temperature, snap) for kind in HIDE}
+    r["open_gaps"] = open_infilling(diffusion, corpus, steps, sampler, seed, batch_size, infill_spacing, infill_temperature,
                                     snap)
     texts, tokens, seconds = unconditional(diffusion, tok, num_samples, steps, sampler, seed, length_hist, batch_size,
                                            spacing, temperature, snap)
@@ -275,7 +278,7 @@ def table(r) -> str:
     out = [f"denoising: {s['num_lines']} held-out lines, no context, self-conditioning off",
            "  t" + " " * 30 + "".join(f"{t:>8}" for t in r["denoising"])]
     out += [f"  {k:<31}" + "".join(f"{v[k]:>8.3f}" for v in r["denoising"].values()) for k in ("mse", "ce", "acc")]
-    out += [f"infilling: {s['steps']} {s['sampler']} steps, {s['spacing']} spacing, "
+    out += [f"infilling: {s['steps']} {s['sampler']} steps, {s.get('infill_spacing', s['spacing'])} spacing, "
             f"temperature {s.get('infill_temperature', s['temperature']):g}, guidance {s['guidance']:g}",
             row("", "token acc", "exact lines")]
     for kind, label in (("span", "one span, 25-50% hidden"), ("scattered", "scattered, 15% hidden")):
@@ -344,7 +347,9 @@ def main(argv=None):
     p.add_argument("--num-samples", type=int, default=200, help="unconditional samples")
     p.add_argument("--steps", type=int, default=DiffusionConfig.steps, help="denoising steps for infilling and samples")
     p.add_argument("--sampler", default=DiffusionConfig.sampler, help=f"update rule, one of {', '.join(SAMPLERS)}")
-    p.add_argument("--spacing", default=DiffusionConfig.spacing, help=f"where the steps fall in t, one of {', '.join(SPACINGS)}")
+    p.add_argument("--spacing", default="", help=f"where the steps fall in t for samples, one of {', '.join(SPACINGS)}; "
+                   "default: the checkpoint's")
+    p.add_argument("--infill-spacing", default="", help="the same, for infilling and gaps of open length")
     p.add_argument("--temperature", type=float, default=DiffusionConfig.temperature,
                    help="softmax temperature of the sampler's interpolation, for unconditional samples")
     p.add_argument("--infill-temperature", type=float, default=DiffusionConfig.infill_temperature,
@@ -375,7 +380,7 @@ def main(argv=None):
                 "--temperature and --infill-temperature positive")
     torch.set_num_threads(a.threads or os.cpu_count() or 1)
     try:
-        get_sampler(a.sampler), get_spacing(a.spacing)
+        get_sampler(a.sampler), [get_spacing(s) for s in (a.spacing, a.infill_spacing) if s]
     except ValueError as e:
         sys.exit(f"error: {e}")
     try:
@@ -392,7 +397,7 @@ def main(argv=None):
             raise UserError(f"--json {a.json}: no such folder")
         r = evaluate(diffusion, tok, valid_lines, judge, train_lines, ckpt.get("length_hist"), a.num_lines,
                      a.num_samples, a.steps, a.sampler, a.seed, a.batch_size, a.spacing, a.guidance, a.temperature,
-                     a.snap, a.infill_temperature)
+                     a.snap, a.infill_temperature, a.infill_spacing)
     except UserError as e:
         sys.exit(f"error: {e}")
     r["settings"].update(checkpoint_step=ckpt.get("step"), train_file=train_path if train_lines else None)

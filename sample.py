@@ -96,8 +96,9 @@ def generate(diffusion, tok, templates=None, prefix=None, num_samples=1, steps=N
     neither:   num_samples unconditional texts
     Lengths (in tokens, EOS included) are `length` if given, else drawn from `lengths_from`, the
     training corpus's length histogram that every checkpoint carries. steps, sampler, spacing,
-    guidance, temperature and snap are those of Diffusion.sample; the default temperature is the
-    checkpoint's infill_temperature for templates, its temperature for a prefix or no context."""
+    guidance, temperature and snap are those of Diffusion.sample; the default spacing and
+    temperature are the checkpoint's infill_spacing and infill_temperature for templates, its
+    spacing and temperature for a prefix or no context."""
     model = diffusion.model
     max_len = model.cfg.max_len
     device = next(model.parameters()).device
@@ -106,6 +107,8 @@ def generate(diffusion, tok, templates=None, prefix=None, num_samples=1, steps=N
         raise UserError(f"--length {length}: must be between 1 and {max_len}, the model's maximum")
     if temperature is None:
         temperature = diffusion.cfg.infill_temperature if templates else diffusion.cfg.temperature
+    if spacing is None:
+        spacing = diffusion.cfg.infill_spacing if templates else diffusion.cfg.spacing
     if templates:
         templates = [t for t in templates for _ in range(num_samples)]
     else:
@@ -147,7 +150,8 @@ def main():
     p.add_argument("--num-samples", type=int, default=4, help="texts per template (or in all, without a template)")
     p.add_argument("--steps", type=int, help="denoising steps (default: the checkpoint's, 20 for new ones)")
     p.add_argument("--sampler", default="", help=f"update rule, one of {', '.join(SAMPLERS)}; default: the checkpoint's")
-    p.add_argument("--spacing", default="", help=f"where the steps fall in t, one of {', '.join(SPACINGS)}; default: the checkpoint's")
+    p.add_argument("--spacing", default="", help=f"where the steps fall in t, one of {', '.join(SPACINGS)} "
+                   "(default: the checkpoint's, quadratic for templates and warped otherwise in new ones)")
     p.add_argument("--temperature", type=float, help="softmax temperature of the interpolation; below 1 commits sooner "
                    "(default: the checkpoint's, 0.5 for templates and 0.8 otherwise in new ones)")
     p.add_argument("--snap", type=float, help="below this t, step with the likeliest token's embedding (default: the checkpoint's)")

@@ -177,14 +177,16 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.99))
     batches = Batches(corpus, cfg.batch_size, seed=cfg.seed, mixture=mask_mixture(cfg.uncond_rate), open_rate=cfg.open_rate)
-    warp = TimeWarp(floor=cfg.warp_floor) if cfg.time_draw != "uniform" else None
+    # where the loss changes with t: warped draws follow it, and so do the warped sampling steps,
+    # whatever the draws, so every run keeps it
+    warp = diffusion.warp = TimeWarp(floor=cfg.warp_floor)
     step, elapsed_before = 0, 0.0
     # An exponential moving average of the weights (float32, buffers copied): what samples are drawn with
     ema = {k: v.detach().float().clone() for k, v in model.state_dict().items()} if cfg.ema else None
     if resume is not None:
         if ema is not None and "ema" in resume:
             ema = {k: v.to(device) for k, v in resume["ema"].items()}
-        if warp is not None and "time_warp" in resume:
+        if "time_warp" in resume:
             warp.loss = resume["time_warp"].clone()
         opt.load_state_dict(resume["optimizer"])
         batches.load_state(resume["batches"])
@@ -207,7 +209,7 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
                             rng={"cpu": torch.get_rng_state()}, tokenizer=tok.model_bytes,
                             length_hist=corpus.length_histogram(), train_config=asdict(cfg),
                             **({"ema": ema} if ema is not None else {}),
-                            **({"time_warp": warp.loss} if warp is not None else {}),
+                            time_warp=warp.loss,
                             **checkpoint.configs(mcfg, dcfg))
 
     def progress():
@@ -274,17 +276,17 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
     return logged
 
 
-def train_step(diffusion, batch, cfg, step, rank, world, device, bf16=False, warp=None) -> dict:
+def train_step(diffusion, batch, cfg, step, rank, world, device, bf16, warp) -> dict:
     """Forward and backward for one global batch, of which this process takes every world-th row,
     in cfg.grad_accum pieces. The noise is drawn for the whole batch from (seed, step), then sliced,
-    so each row gets the same noise whatever the number of processes. With a TimeWarp, t is drawn
-    from it, and the cross-entropy of each bin of t, summed over all processes, updates it."""
+    so each row gets the same noise whatever the number of processes. t is drawn as cfg.time_draw
+    says, and the cross-entropy of each bin of t, summed over all processes, updates the TimeWarp."""
     ids, length_mask, cond_mask = batch["ids"], batch["length_mask"], batch["cond_mask"]
     B, L = ids.shape
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
     # (B,): independent uniform draws, or stratified ones, warped or not
     warped = cfg.time_draw == "warped"
-    t = torch.rand(B, generator=g) if warp is None else warp.draw(B, g, warped=warped)
+    t = torch.rand(B, generator=g) if cfg.time_draw == "uniform" else warp.draw(B, g, warped=warped)
     w = warp.mse_weight(t) if warped and cfg.mse_reweight else None  # (B,) or None
     eps = torch.randn(B, L, diffusion.model.cfg.embed_dim, generator=g)  # (B, L, E)
     self_cond = torch.rand((), generator=g).item() < diffusion.cfg.self_cond_rate
@@ -305,12 +307,11 @@ def train_step(diffusion, batch, cfg, step, rank, world, device, bf16=False, war
                                        mse_weight=None if w is None else w[r].to(device))
             parts["loss"].backward()
         ce_each = parts.pop("ce_each")
-        if warp is not None:  # each position's cross-entropy goes to the bin of its row's t, on the device
-            warp_sums = warp_sums + warp.tally(t[r], target_index.to(device) // L, ce_each)
+        # each position's cross-entropy goes to the bin of its row's t, on the device
+        warp_sums = warp_sums + warp.tally(t[r], target_index.to(device) // L, ce_each)
         for k, v in parts.items():
             sums[k] = sums.get(k, 0) + v.detach()
-    if warp is not None:
-        warp.update(*all_sum(warp_sums.cpu(), world))  # one transfer a step
+    warp.update(*all_sum(warp_sums.cpu(), world))  # one transfer a step
     sums["tokens"] = int(length_mask[torch.arange(B)[rank::world]].sum())
     return sums
 

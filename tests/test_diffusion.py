@@ -114,10 +114,34 @@ def test_infilling_keeps_context(sampler, spacing, guidance):
     assert steps_seen == [True, True, True]  # fixed from the first step to the last
 
 
+def rising_warp(floor=0.2):
+    """A TimeWarp that has seen a loss flat over t < 0.5 and rising over t > 0.5."""
+    w = TimeWarp(bins=20, floor=floor)
+    loss = torch.cat([torch.zeros(10), torch.linspace(0.5, 5, 10)])
+    for _ in range(400):
+        w.update(loss, torch.ones(20))
+    return w
+
+
 @pytest.mark.parametrize("name", sorted(SPACINGS))
 def test_spacings_run_from_noise_to_clean(name):
-    ts = SPACINGS[name](10)
+    ts = SPACINGS[name](10, rising_warp())
     assert ts.shape == (11,) and ts[0] == 1 and ts[-1] == 0 and (ts[1:] < ts[:-1]).all()
+
+
+def test_warped_spacing_steps_where_the_loss_rises():
+    """Each step covers an equal share of the warp's draws: 90% of them fall at t > 0.5 (the rise,
+    0.8, and half the floor), so 18 of 20 steps do; the sampler steps at those times."""
+    ts = SPACINGS["warped"](20, rising_warp())
+    assert abs(ts[18] - 0.5) < 1e-3 and (ts[:18] > 0.5).all()
+    for warp in (None, TimeWarp()):  # no loss seen: uniform steps
+        assert torch.allclose(SPACINGS["warped"](20, warp), SPACINGS["uniform"](20), atol=1e-6)
+    d = make(spacing="warped")
+    d.warp = rising_warp()
+    seen, denoise = [], d.denoise
+    d.denoise = lambda *a, **kw: seen.append(a[3][0].item()) or denoise(*a, **kw)
+    d.sample(*batch(), steps=20)
+    assert torch.allclose(torch.tensor(seen), ts[:-1])
 
 
 def test_guidance_weights():
@@ -177,14 +201,12 @@ def test_tied_cross_entropy_matches_the_plain_formula():
 
 
 def test_time_warp_draws_where_the_loss_rises():
-    w = TimeWarp(bins=20, floor=0.2)
     g = torch.Generator().manual_seed(0)
-    plain = w.draw(64, g, warped=False)
+    plain = TimeWarp().draw(64, g, warped=False)
     assert torch.equal((plain.sort().values * 64).floor(), torch.arange(64.0))  # one draw in each stratum
-    assert torch.allclose(w.density(), torch.full((20,), 0.05))  # before any loss: uniform
-    loss = torch.cat([torch.zeros(10), torch.linspace(0.5, 5, 10)])  # flat, then rising over t > 0.5
-    for _ in range(400):
-        w.update(loss, torch.ones(20))
+    assert torch.allclose(TimeWarp(bins=20).density(), torch.full((20,), 0.05))  # before any loss: uniform
+    w = rising_warp(floor=0.2)
+    loss = w.loss.clone()
     t = w.draw(4000, g)
     assert 0 <= t.min() and t.max() < 1
     late = (t >= 0.5).float().mean().item()

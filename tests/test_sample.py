@@ -68,16 +68,18 @@ def test_gaps_of_open_length(tok):
     assert fill_template(template, tok, ids, gaps).startswith("the red fox fox over the ")
 
 
-def test_templates_are_filled_at_the_infill_temperature(tok):
+def test_templates_are_filled_with_the_infill_settings(tok):
     """A fill should be the likeliest text, a sample a varied one: templates default to the
-    checkpoint's infill_temperature, a prefix or no context to its temperature; a given one wins."""
+    checkpoint's infill_temperature and infill_spacing, a prefix or no context to its temperature
+    and spacing; a given one wins."""
     cfg = tiny()
     cfg.vocab_size = tok.vocab_size
-    diffusion = Diffusion(Estimator(cfg), DiffusionConfig(temperature=0.8, infill_temperature=0.3, steps=2))
+    diffusion = Diffusion(Estimator(cfg), DiffusionConfig(temperature=0.8, infill_temperature=0.3, steps=2,
+                                                          spacing="sqrt", infill_spacing="quadratic"))
     used, sample = [], diffusion.sample
-    diffusion.sample = lambda *a, **kw: used.append(kw["temperature"]) or sample(*a, **kw)
+    diffusion.sample = lambda *a, **kw: used.append((kw["temperature"], kw["spacing"])) or sample(*a, **kw)
     generate(diffusion, tok, templates=["the red fox [gap:2] dog"], num_samples=2)
     generate(diffusion, tok, prefix="the red", num_samples=2)
     generate(diffusion, tok, num_samples=2)
-    generate(diffusion, tok, templates=["the red fox [gap:2] dog"], temperature=0.6)
-    assert used == [0.3, 0.8, 0.8, 0.6]
+    generate(diffusion, tok, templates=["the red fox [gap:2] dog"], temperature=0.6, spacing="uniform")
+    assert used == [(0.3, "quadratic"), (0.8, "sqrt"), (0.8, "sqrt"), (0.6, "uniform")]

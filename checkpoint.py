@@ -115,6 +115,7 @@ def config_from(cls, d: dict, what: str):
     d = {**{k: v for k, v in ADDED_LATER.items() if k in names}, **d}
     if "infill_temperature" in names:
         d.setdefault("infill_temperature", d["temperature"])
+    if "infill_spacing" in names:
         d.setdefault("infill_spacing", d["spacing"])
     unknown, missing = sorted(set(d) - names), sorted(names - set(d))
     if unknown or missing:

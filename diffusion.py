@@ -116,12 +116,15 @@ def sqrt_spacing(steps, warp=None):
 
 
 def warped_spacing(steps, warp=None):
-    """The steps fall where training draws t (TimeWarp): t_i = F^-1(1 - i / steps), F the warp's
-    cumulative density, so each step covers an equal share of it. The warp follows the
-    cross-entropy, so the steps crowd where the tokens are being decided (on E2E, t = 0.75-0.95)
-    and a few long ones cross the low noise, where nothing is left to decide. A warp that has seen
-    no loss (a model not trained by train.py) gives uniform steps."""
-    ts = (warp or TimeWarp()).inverse(torch.linspace(1, 0, steps + 1))
+    """The steps fall where training found the cross-entropy changing with t, the curve its
+    TimeWarp fits (and where warped draws of t fall): t_i = F^-1(1 - i / steps), F the warp's
+    cumulative density, so each step covers an equal share of it. The steps crowd where the tokens
+    are being decided (on E2E, t = 0.75-0.95) and a few long ones cross the low noise, where nothing
+    is left to decide. Without a warp (a checkpoint from before train.py kept one in every run, or
+    a model it did not train), the quadratic spacing, the best one measured without it."""
+    if warp is None:
+        return quadratic_spacing(steps)
+    ts = warp.inverse(torch.linspace(1, 0, steps + 1))
     ts[0], ts[-1] = 1.0, 0.0
     return ts
 
@@ -208,8 +211,9 @@ class TimeWarp:
 
     def inverse(self, u: torch.Tensor) -> torch.Tensor:
         """F^-1(u): the times t (n,) below which a share u (n,) of the warp's draws fall."""
-        cdf = torch.cat([torch.zeros(1), self.density().cumsum(0)])  # (bins + 1,) at the bin edges
-        k = torch.searchsorted(cdf, u, right=True).clamp(1, len(self.loss)) - 1  # bin of each u
+        density = self.density()
+        cdf = torch.cat([density.new_zeros(1), density.cumsum(0)])  # (bins + 1,) at the bin edges
+        k = torch.searchsorted(cdf, u.to(cdf.device), right=True).clamp(1, len(self.loss)) - 1  # bin of each u
         inside = (u - cdf[k]) / (cdf[k + 1] - cdf[k]).clamp(min=1e-12)
         return ((k + inside) / len(self.loss)).clamp(0, 1)
 

@@ -150,8 +150,11 @@ def denoising(diffusion, corpus, times=TIMES, seed=0, batch_size=64) -> dict:
 @torch.no_grad()
 def infilling(diffusion, corpus, kind, steps, sampler, seed=0, batch_size=64, spacing=None, guidance=1.0,
               temperature=None, snap=None) -> dict:
-    """Hide tokens of each line as `kind` says, fill them with Diffusion.sample, score the fills."""
+    """Hide tokens of each line as `kind` says, fill them with Diffusion.sample, score the fills.
+    spacing and temperature default to the checkpoint's for templates (infill_*)."""
     device = next(diffusion.model.parameters()).device
+    spacing = spacing or diffusion.cfg.infill_spacing
+    temperature = diffusion.cfg.infill_temperature if temperature is None else temperature
     mask_gen = torch.Generator().manual_seed(seed)
     hidden = pad_sequence([hide(kind, len(ids), mask_gen) for ids in corpus.ids], batch_first=True)  # (N, L)
     target = pad_sequence([torch.tensor(ids) for ids in corpus.ids], batch_first=True, padding_value=PAD)  # (N, L)
@@ -177,8 +180,11 @@ def open_infilling(diffusion, corpus, steps, sampler, seed=0, batch_size=64, spa
     """The spans of infilling(kind="span"), hidden in gaps of open length ([gap:..N]): each gap takes
     all the room the model has, max_len - (n - k) positions for a span of k of a line's n tokens,
     so nothing gives the span's length away. The model writes text, then padding, which is dropped.
-    Scores: the fills' lengths beside the spans' true lengths, and aligned token accuracy."""
+    Scores: the fills' lengths beside the spans' true lengths, and aligned token accuracy. spacing
+    and temperature default to the checkpoint's for templates (infill_*)."""
     device = next(diffusion.model.parameters()).device
+    spacing = spacing or diffusion.cfg.infill_spacing
+    temperature = diffusion.cfg.infill_temperature if temperature is None else temperature
     max_len = diffusion.model.cfg.max_len
     mask_gen = torch.Generator().manual_seed(seed)
     hidden = [hide("span", len(ids), mask_gen) for ids in corpus.ids]  # the very spans of infilling()
@@ -348,7 +354,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=DiffusionConfig.steps, help="denoising steps for infilling and samples")
     p.add_argument("--sampler", default=DiffusionConfig.sampler, help=f"update rule, one of {', '.join(SAMPLERS)}")
     p.add_argument("--spacing", default="", help=f"where the steps fall in t for samples, one of {', '.join(SPACINGS)}; "
-                   "default: the checkpoint's")
+                   "default: the checkpoint's (the other settings default to this code's)")
     p.add_argument("--infill-spacing", default="", help="the same, for infilling and gaps of open length")
     p.add_argument("--temperature", type=float, default=DiffusionConfig.temperature,
                    help="softmax temperature of the sampler's interpolation, for unconditional samples")

@@ -5,7 +5,7 @@ import torch
 
 import checkpoint
 from data import UserError
-from diffusion import Diffusion, DiffusionConfig
+from diffusion import SPACINGS, Diffusion, DiffusionConfig, TimeWarp
 from model import Estimator, tiny
 
 
@@ -30,6 +30,22 @@ def test_save_then_load_gives_identical_outputs(tok, tmp_path):
     a = Diffusion(model, DiffusionConfig()).sample(ids, mask, cond, steps=3, gen=torch.Generator().manual_seed(0))
     b = diff2.sample(ids, mask, cond, steps=3, gen=torch.Generator().manual_seed(0))
     assert torch.equal(a, b)
+    # no time warp saved (a checkpoint from before every run kept one): warped steps fall back to quadratic
+    assert diff2.warp is None and torch.equal(SPACINGS["warped"](5, diff2.warp), SPACINGS["quadratic"](5))
+
+
+def test_the_time_warp_comes_back_for_the_warped_spacing(tok, tmp_path):
+    cfg = tiny()
+    cfg.vocab_size = tok.vocab_size
+    warp = TimeWarp(floor=0.3)
+    warp.update(torch.linspace(0, 1, 20) ** 4, torch.ones(20))  # the loss rises late
+    path = str(tmp_path / "ckpt.pt")
+    checkpoint.save(path, model=Estimator(cfg).state_dict(), tokenizer=tok.model_bytes, length_hist=[0, 0, 5],
+                    time_warp=warp.loss, train_config={"warp_floor": 0.3}, **checkpoint.configs(cfg, DiffusionConfig()))
+    _, _, diffusion = checkpoint.build(checkpoint.load(path))
+    assert torch.equal(diffusion.warp.loss, warp.loss) and diffusion.warp.floor == 0.3
+    ts = SPACINGS["warped"](10, diffusion.warp)
+    assert torch.equal(ts, SPACINGS["warped"](10, warp)) and not torch.allclose(ts, SPACINGS["uniform"](10))
 
 
 def test_mismatched_weights_name_the_keys(tok):

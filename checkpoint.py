@@ -113,10 +113,9 @@ def config_from(cls, d: dict, what: str):
     """Rebuild a config dataclass, naming any key that this code does not know or lacks."""
     names = {f.name for f in fields(cls)}
     d = {**{k: v for k, v in ADDED_LATER.items() if k in names}, **d}
-    if "infill_temperature" in names:
-        d.setdefault("infill_temperature", d["temperature"])
-    if "infill_spacing" in names:
-        d.setdefault("infill_spacing", d["spacing"])
+    for fill, sample in (("infill_temperature", "temperature"), ("infill_spacing", "spacing")):
+        if fill in names:
+            d.setdefault(fill, d[sample])
     unknown, missing = sorted(set(d) - names), sorted(names - set(d))
     if unknown or missing:
         raise UserError(f"{what} config does not match this code: unknown keys {unknown}, missing keys {missing}")

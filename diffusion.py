@@ -41,6 +41,13 @@ class DiffusionConfig:
     infill_temperature: float = 0.5  # the same for filling a template's gaps: a fill should be likely, samples varied
     snap: float = 0.0             # below this t, step with the likeliest token's embedding (0: never)
 
+    def settings(self, fill: bool, spacing=None, temperature=None):
+        """(spacing, temperature) for one use of the sampler: the given ones, else this config's,
+        its infill_* ones when `fill`ing a template's gaps."""
+        if fill:
+            return spacing or self.infill_spacing, self.infill_temperature if temperature is None else temperature
+        return spacing or self.spacing, self.temperature if temperature is None else temperature
+
 
 # --- noise schedules: t in [0, 1] -> γ(t), decreasing from 1 to 0 ---------------------------------
 
@@ -213,7 +220,8 @@ class TimeWarp:
         """F^-1(u): the times t (n,) below which a share u (n,) of the warp's draws fall."""
         density = self.density()
         cdf = torch.cat([density.new_zeros(1), density.cumsum(0)])  # (bins + 1,) at the bin edges
-        k = torch.searchsorted(cdf, u.to(cdf.device), right=True).clamp(1, len(self.loss)) - 1  # bin of each u
+        u = u.to(cdf.device)
+        k = torch.searchsorted(cdf, u, right=True).clamp(1, len(self.loss)) - 1  # bin of each u
         inside = (u - cdf[k]) / (cdf[k + 1] - cdf[k]).clamp(min=1e-12)
         return ((k + inside) / len(self.loss)).clamp(0, 1)
 

@@ -153,8 +153,7 @@ def infilling(diffusion, corpus, kind, steps, sampler, seed=0, batch_size=64, sp
     """Hide tokens of each line as `kind` says, fill them with Diffusion.sample, score the fills.
     spacing and temperature default to the checkpoint's for templates (infill_*)."""
     device = next(diffusion.model.parameters()).device
-    spacing = spacing or diffusion.cfg.infill_spacing
-    temperature = diffusion.cfg.infill_temperature if temperature is None else temperature
+    spacing, temperature = diffusion.cfg.settings(True, spacing, temperature)
     mask_gen = torch.Generator().manual_seed(seed)
     hidden = pad_sequence([hide(kind, len(ids), mask_gen) for ids in corpus.ids], batch_first=True)  # (N, L)
     target = pad_sequence([torch.tensor(ids) for ids in corpus.ids], batch_first=True, padding_value=PAD)  # (N, L)
@@ -183,8 +182,7 @@ def open_infilling(diffusion, corpus, steps, sampler, seed=0, batch_size=64, spa
     Scores: the fills' lengths beside the spans' true lengths, and aligned token accuracy. spacing
     and temperature default to the checkpoint's for templates (infill_*)."""
     device = next(diffusion.model.parameters()).device
-    spacing = spacing or diffusion.cfg.infill_spacing
-    temperature = diffusion.cfg.infill_temperature if temperature is None else temperature
+    spacing, temperature = diffusion.cfg.settings(True, spacing, temperature)
     max_len = diffusion.model.cfg.max_len
     mask_gen = torch.Generator().manual_seed(seed)
     hidden = [hide("span", len(ids), mask_gen) for ids in corpus.ids]  # the very spans of infilling()
@@ -250,7 +248,7 @@ def evaluate(diffusion, tok, valid_lines, judge=None, train_lines=None, length_h
     """All sections as a dict of plain values (the JSON). Infilling and open gaps are sampled at
     `infill_temperature` with `infill_spacing`, unconditional samples at `temperature` with `spacing`,
     as sample.py does by default; the spacings default to the checkpoint's."""
-    spacing, infill_spacing = spacing or diffusion.cfg.spacing, infill_spacing or diffusion.cfg.infill_spacing
+    spacing, infill_spacing = diffusion.cfg.settings(False, spacing)[0], diffusion.cfg.settings(True, infill_spacing)[0]
     max_len = diffusion.model.cfg.max_len
     pick = torch.randperm(len(valid_lines), generator=torch.Generator().manual_seed(seed))[:num_lines]
     lines = [valid_lines[i] for i in sorted(pick.tolist())]

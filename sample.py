@@ -105,10 +105,7 @@ def generate(diffusion, tok, templates=None, prefix=None, num_samples=1, steps=N
     gen = torch.Generator().manual_seed(seed)
     if length is not None and not 1 <= length <= max_len:
         raise UserError(f"--length {length}: must be between 1 and {max_len}, the model's maximum")
-    if temperature is None:
-        temperature = diffusion.cfg.infill_temperature if templates else diffusion.cfg.temperature
-    if spacing is None:
-        spacing = diffusion.cfg.infill_spacing if templates else diffusion.cfg.spacing
+    spacing, temperature = diffusion.cfg.settings(bool(templates), spacing, temperature)
     if templates:
         templates = [t for t in templates for _ in range(num_samples)]
     else:

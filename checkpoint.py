@@ -152,9 +152,15 @@ def build(ckpt: dict, device="cpu", ema=True):
         raise UserError(f"checkpoint's diffusion config: {e}") from None
 
 
+# Weights added after checkpoints of this version were first written: those checkpoints get them as
+# zeros (gap_head: every length of a [gap:..N] alike, so its median, about N/2).
+WEIGHTS_ADDED_LATER = ("gap_head.weight", "gap_head.bias")
+
+
 def load_state(model, state: dict):
     """Strict load that names the keys and shapes that differ."""
     own = model.state_dict()
+    state = {**{k: torch.zeros_like(own[k]) for k in WEIGHTS_ADDED_LATER if k in own}, **state}
     missing, unknown = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
               for k in own if k in state and state[k].shape != own[k].shape]

@@ -5,8 +5,8 @@
 
 denoising: mse, ce and accuracy of x̂0 at fixed t, no context. infilling: the real sampler fills one
 hidden span (25-50% of a line) or scattered tokens (15%). gaps of open length: the same spans, each
-in a gap that takes all the room the model has, so that the model must choose the length: fill
-lengths beside true lengths, and token accuracy on aligned text (edit distance). samples:
+a gap of up to all the room the model has, whose length the model chooses: fill lengths beside
+true lengths, and token accuracy on aligned text (edit distance). samples:
 unconditional samples beside held-out lines: judge perplexity (judge.py), unigram entropy,
 distinct-2, share copied from training, length. cost: seconds and network evaluations per sample.
 Every draw comes from --seed: a rerun gives the same numbers, seconds aside. Compare at equal counts
@@ -27,7 +27,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 import checkpoint
 from device import pick_device
-from data import Corpus, UserError, read_lines, widen_gaps
+from data import Corpus, UserError, collapse_gaps, read_lines
 from diffusion import SAMPLERS, SPACINGS, Diffusion, DiffusionConfig, get_sampler, get_spacing
 from judge import diffusion_tokenizer, load_judge, perplexity
 from sample import generate
@@ -176,11 +176,11 @@ def infilling(diffusion, corpus, kind, steps, sampler, seed=0, batch_size=64, sp
 @torch.no_grad()
 def open_infilling(diffusion, corpus, steps, sampler, seed=0, batch_size=64, spacing=None, temperature=None,
                    snap=None) -> dict:
-    """The spans of infilling(kind="span"), hidden in gaps of open length ([gap:..N]): each gap takes
-    all the room the model has, max_len - (n - k) positions for a span of k of a line's n tokens,
-    so nothing gives the span's length away. The model writes text, then padding, which is dropped.
-    Scores: the fills' lengths beside the spans' true lengths, and aligned token accuracy. spacing
-    and temperature default to the checkpoint's for templates (infill_*)."""
+    """The spans of infilling(kind="span"), hidden in gaps of open length ([gap:..N]), as sample.py
+    fills them: each span is one marker whose length the model tells (Diffusion.gap_lengths, up to
+    all the room it has, max_len - (n - k) for a span of k of a line's n tokens), then a gap of that
+    many tokens is filled. Scores: the fills' lengths beside the spans' true lengths, and aligned
+    token accuracy. spacing and temperature default to the checkpoint's for templates (infill_*)."""
     device = next(diffusion.model.parameters()).device
     spacing, temperature = diffusion.cfg.settings(True, spacing, temperature)
     max_len = diffusion.model.cfg.max_len
@@ -194,13 +194,19 @@ def open_infilling(diffusion, corpus, steps, sampler, seed=0, batch_size=64, spa
         start = torch.tensor([int(hidden[j].nonzero()[0]) for j in idx])
         k = torch.tensor([int(hidden[j].sum()) for j in idx])
         lengths = corpus.lengths[idx]
-        w = widen_gaps(b["ids"], lengths, start, k, max_len - lengths)  # every row max_len long
-        gap = w["length_mask"] & ~w["cond_mask"]
-        ids = torch.where(gap, PAD, w["ids"])  # the hidden tokens never reach the sampler
+        c = collapse_gaps(b["ids"], lengths, start, k)  # the hidden tokens never reach the model
+        up_to = torch.where(c["gap_length"] > 0, max_len - (lengths - k)[:, None], 0)
+        guess = diffusion.gap_lengths(c["ids"].to(device), c["length_mask"].to(device), c["cond_mask"].to(device),
+                                      up_to.to(device)).sum(1).cpu()  # (B,) tokens the model gives each gap
+        cut = [corpus.ids[j][: int(start[r])] + [PAD] * int(guess[r]) + corpus.ids[j][int(start[r] + k[r]):]
+               for r, j in enumerate(idx)]
+        ids = pad_sequence([torch.tensor(x) for x in cut], batch_first=True, padding_value=PAD)
+        pos = torch.arange(ids.shape[1])[None]
+        length_mask = pos < torch.tensor([len(x) for x in cut])[:, None]
+        gap = (pos >= start[:, None]) & (pos < (start + guess)[:, None])
         gen = torch.Generator(device=device).manual_seed(seed * 1000 + i)
-        out = diffusion.sample(ids.to(device), w["length_mask"].to(device), w["cond_mask"].to(device), steps=steps,
-                               sampler=sampler, gen=gen, spacing=spacing, temperature=temperature,
-                               pad_ok=gap.to(device), snap=snap).cpu()
+        out = diffusion.sample(ids.to(device), length_mask.to(device), (length_mask & ~gap).to(device), steps=steps,
+                               sampler=sampler, gen=gen, spacing=spacing, temperature=temperature, snap=snap).cpu()
         for r, j in enumerate(idx):
             fills.append(text_tokens(out[r][gap[r]]))
             truths.append(corpus.ids[j][int(start[r]): int(start[r] + k[r])])
@@ -288,7 +294,7 @@ def table(r) -> str:
     for kind, label in (("span", "one span, 25-50% hidden"), ("scattered", "scattered, 15% hidden")):
         out.append(row(label, *(f"{r['infilling'][kind][k]:.3f}" for k in ("acc", "exact"))))
     o = r["open_gaps"]
-    out += [f"gaps of open length: the same spans, each in a gap of all the room left ({o['lines']} lines)",
+    out += [f"gaps of open length: the same spans, each in a gap of up to all the room left, its length chosen by the model ({o['lines']} lines)",
             row("", "fills", "hidden spans")]
     for key in ("mean", "std", "p10", "p25", "p50", "p75", "p90"):
         out.append(row(f"length {key} (tokens)", *(f"{o[k][key]:.2f}" for k in ("fill_length", "true_length"))))

@@ -157,6 +157,9 @@ class Denoiser(nn.Module):
         # The scale is learnt in log space, so it can sharpen quickly; it starts at 2/√E, which puts
         # the logit of an exact match at 2E, sharp enough to tell thousands of tokens apart.
         self.log_logit_scale = nn.Parameter(torch.tensor(math.log(2 / math.sqrt(cfg.embed_dim))))
+        # The length of a gap of open length ([gap:..N]), read from the estimate at its marker, a
+        # context position holding PAD (data.collapse_gaps): (..., E) -> logits of a gap of 0 .. max_len - 1 tokens.
+        self.gap_head = nn.Linear(cfg.embed_dim, cfg.max_len)
 
     def embeddings(self):
         """The (V, E) embedding table, each row L2-normalised and scaled to norm √E, so every

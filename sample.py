@@ -5,8 +5,9 @@
     python sample.py --ckpt runs/demo/ckpt.pt --prefix "The Eagle is" --show-steps
 
 Template syntax: `[gap]` is a gap of --gap-length tokens (default 6), `[gap:N]` one of exactly N
-tokens, `[gap:..N]` one of up to N tokens: the model chooses how many (checkpoints trained with
---open-rate above 0 have learnt to; older ones fill all N).
+tokens, `[gap:..N]` one of up to N tokens: the model first reads the words around it and chooses
+how many (checkpoints trained with --open-rate above 0, the default, have learnt to), then fills
+that many.
 The text around the gaps is kept word for word (runs of spaces become one); the text ends where the
 template ends. A gap's fill is whole words: it never glues onto the word before it. A prefix is
 continued as the template "PREFIX [gap:N]", N drawn from the training lengths. One result a line.
@@ -17,6 +18,7 @@ import re
 import sys
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 import checkpoint
 from device import pick_device
@@ -27,29 +29,33 @@ from tokenizer import EOS, PAD
 GAP = re.compile(r"\[gap(?::([^\]]*))?\]")
 
 
-def parse_template(template: str, tok, max_len: int, gap_length: int = 6):
-    """Template -> (ids, cond, gaps, pad_ok): token ids and a context flag for each position, EOS
-    included, the (start, end) positions of each gap, and a flag for each position that is True
-    inside gaps of open length ([gap:..N]), where the model may write padding. Gap positions hold
-    PAD in `ids`, False in `cond`."""
-    ids, cond, pos, gaps, pad_ok = [], [], 0, [], []
+def parse_template(template: str, tok, max_len: int, gap_length: int = 6, open_lengths=None):
+    """Template -> (ids, cond, gaps, up_to): token ids and a context flag for each position, EOS
+    included, the (start, end) positions of each gap, and for each position the N of a gap of open
+    length ([gap:..N]) that stands there, else 0. Gap positions hold PAD in `ids`, False in `cond`.
+    A gap of open length is one marker (a context position holding PAD, data.collapse_gaps) whose
+    length the model tells (Diffusion.gap_lengths); or, given `open_lengths` (an iterator), a gap
+    of the next of them."""
+    ids, cond, pos, gaps, up_to = [], [], 0, [], []
     for m in GAP.finditer(template):
         text = template[pos: m.start()].strip()
         if text:
             piece = tok.encode(text)
             ids += piece
             cond += [True] * len(piece)
-            pad_ok += [False] * len(piece)
+            up_to += [0] * len(piece)
         size = re.fullmatch(r"(\.\.)?([0-9]+)", m.group(1).strip()) if m.group(1) is not None else None
         if m.group(1) is not None and (size is None or int(size[2]) < 1):
             raise UserError(f"bad gap {m.group(0)!r} in template: write [gap], [gap:N] or [gap:..N] with N a whole number from 1")
-        up_to, n = (bool(size[1]), size[2]) if size else (False, gap_length)
+        open_, n = (bool(size[1]), size[2]) if size else (False, gap_length)
         if int(n) > max_len:
             raise UserError(f"gap {m.group(0)!r} is longer than the model takes: at most {max_len} tokens")
-        gaps.append((len(ids), len(ids) + int(n)))
-        ids += [PAD] * int(n)
-        cond += [False] * int(n)
-        pad_ok += [up_to] * int(n)
+        n, marker = int(n), open_ and open_lengths is None
+        n = 1 if marker else next(open_lengths) if open_ else n
+        gaps.append((len(ids), len(ids) + n))
+        ids += [PAD] * n
+        cond += [marker] * n
+        up_to += [int(size[2]) if marker else 0] * n
         pos = m.end()
     if not gaps:
         raise UserError(f"template {template[:60]!r} has no gap: mark where text goes with [gap] or [gap:N]")
@@ -58,21 +64,21 @@ def parse_template(template: str, tok, max_len: int, gap_length: int = 6):
         piece = tok.encode(text)
         ids += piece
         cond += [True] * len(piece)
-        pad_ok += [False] * len(piece)
+        up_to += [0] * len(piece)
     ids.append(EOS)
     cond.append(True)
-    pad_ok.append(False)
-    if len(ids) > max_len:
-        raise UserError(f"template needs {len(ids)} tokens (EOS included) but the model takes at most {max_len}; "
+    up_to.append(0)
+    need = len(ids) + sum(n - 1 for n in up_to if n)  # a gap of open length may take all its N
+    if need > max_len:
+        raise UserError(f"template needs {need} tokens (EOS included) but the model takes at most {max_len}; "
                         f"shorten it or its gaps")
-    return ids, cond, gaps, pad_ok
+    return ids, cond, gaps, up_to
 
 
 def fill_template(template: str, tok, ids, gaps) -> str:
     """The template with each gap replaced by the decoded tokens the model put there. Each fill is
-    decoded on its own, so it cannot glue onto the words around it (and drops the padding of a
-    gap of open length); the template's own spacing stays, and the spaces around an empty fill
-    become one."""
+    decoded on its own, so it cannot glue onto the words around it; the template's own spacing
+    stays, and the spaces around an empty fill become one."""
     fills = iter([tok.decode(ids[a:b]) for a, b in gaps])
     return " ".join(GAP.sub(lambda m: next(fills), template).split())
 
@@ -98,7 +104,8 @@ def generate(diffusion, tok, templates=None, prefix=None, num_samples=1, steps=N
     training corpus's length histogram that every checkpoint carries. steps, sampler, spacing,
     guidance, temperature and snap are those of Diffusion.sample; the default spacing and
     temperature are the checkpoint's infill_spacing and infill_temperature for templates, its
-    spacing and temperature for a prefix or no context."""
+    spacing and temperature for a prefix or no context. A gap of open length ([gap:..N]) gets the
+    length the model tells (Diffusion.gap_lengths), the same for every sample, then is filled."""
     model = diffusion.model
     max_len = model.cfg.max_len
     device = next(model.parameters()).device
@@ -118,23 +125,32 @@ def generate(diffusion, tok, templates=None, prefix=None, num_samples=1, steps=N
         lengths = [length] * num_samples if length else draw_lengths(num_samples, hist, gen, n_prefix + 2)
         templates = [f"{prefix or ''} [gap:{n - 1 - n_prefix}]" for n in lengths]
     rows = [parse_template(t, tok, max_len, gap_length) for t in templates]
+    if any(any(r[3]) for r in rows):  # gaps of open length: first how long, then the fills
+        lengths = []
+        for i in range(0, len(rows), batch_size):
+            ids, cond, length_mask, up_to = pack(rows[i: i + batch_size], device)
+            k = diffusion.gap_lengths(ids, length_mask, cond, up_to, gen=torch.Generator(device=device).manual_seed(seed + i))
+            lengths += [n[u > 0].tolist() for n, u in zip(k.cpu(), up_to.cpu())]
+        rows = [parse_template(t, tok, max_len, gap_length, iter(n)) for t, n in zip(templates, lengths)]
     texts = []
     for i in range(0, len(rows), batch_size):
         chunk = rows[i: i + batch_size]
-        L = max(len(r[0]) for r in chunk)
-        ids = torch.full((len(chunk), L), PAD, dtype=torch.long)
-        cond = torch.zeros(len(chunk), L, dtype=torch.bool)
-        length_mask, pad_ok = torch.zeros(len(chunk), L, dtype=torch.bool), torch.zeros(len(chunk), L, dtype=torch.bool)
-        for b, (r, c, _, o) in enumerate(chunk):
-            ids[b, : len(r)], cond[b, : len(c)], length_mask[b, : len(r)] = torch.tensor(r), torch.tensor(c), True
-            pad_ok[b, : len(o)] = torch.tensor(o)
+        ids, cond, length_mask, _ = pack(chunk, device)
         noise_gen = torch.Generator(device=device).manual_seed(seed + i)
-        out = diffusion.sample(ids.to(device), length_mask.to(device), cond.to(device), steps=steps,
-                               sampler=sampler, gen=noise_gen, on_step=on_step, spacing=spacing, guidance=guidance,
-                               temperature=temperature, pad_ok=pad_ok.to(device), snap=snap)
+        out = diffusion.sample(ids, length_mask, cond, steps=steps, sampler=sampler, gen=noise_gen, on_step=on_step,
+                               spacing=spacing, guidance=guidance, temperature=temperature, snap=snap)
         texts += [fill_template(t, tok, row, gaps) for t, row, (_, _, gaps, _)
                   in zip(templates[i: i + batch_size], out.tolist(), chunk)]
     return texts
+
+
+def pack(rows, device):
+    """Rows of parse_template -> (ids, cond, length_mask, up_to), (B, L) tensors on `device`, each
+    row padded to the longest (PAD, not context, not in the length, 0)."""
+    def pad(i, value):
+        return pad_sequence([torch.tensor(r[i]) for r in rows], batch_first=True, padding_value=value).to(device)
+    length_mask = pad_sequence([torch.ones(len(r[0]), dtype=torch.bool) for r in rows], batch_first=True)
+    return pad(0, PAD), pad(1, False), length_mask.to(device), pad(3, 0)
 
 
 def main():
@@ -181,8 +197,8 @@ def main():
         tok, model, diffusion = checkpoint.build(ckpt, pick_device(a.device), ema=not a.no_ema)
         steps = a.steps or diffusion.cfg.steps
         if any(re.search(r"\[gap:\s*\.\.", t) for t in templates) and not ckpt.get("train_config", {}).get("open_rate"):
-            print("note: this checkpoint was trained without --open-rate, so it has not learnt to leave part of a "
-                  "[gap:..N] empty: it will fill all N positions", file=sys.stderr)
+            print("note: this checkpoint was trained with --open-rate 0, so it has not learnt how long a [gap:..N] "
+                  "should be: the lengths it gives are guesses", file=sys.stderr)
         on_step = None
         if a.show_steps:
             every = max(1, steps // 10)

@@ -63,7 +63,7 @@ class TrainConfig:
     mse_reweight: bool = True  # with warped t, give the MSE at every t at least its uniform share
     skip: bool = False         # the network predicts what x_t misses of x0 (Diffusion.denoise)
     embed_dim: int = 0         # 0: the preset's
-    open_rate: float = 0.0     # share of batches that teach gaps of open length ([gap:..N]); they cost time
+    open_rate: float = 0.1     # share of rows that teach the lengths of gaps of open length ([gap:..N])
     ema: float = 0.0           # decay of a moving average of the weights for sampling (0: none)
     seed: int = 0
     device: str = "auto"
@@ -257,7 +257,8 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
                                 f"is kept in {ckpt_path}; try a lower --lr")
             tok_s = world * tokens / (time.time() - t_log)
             bar.set_postfix(loss=f"{logged['loss']:.3f}", mse=f"{logged['mse']:.3f}", ce=f"{logged['ce']:.3f}",
-                            acc=f"{logged['acc']:.3f}", tok_s=f"{tok_s:.0f}", lr=f"{lr:.1e}")
+                            acc=f"{logged['acc']:.3f}", **({"gap_ce": f"{logged['gap_ce']:.2f}"} if cfg.open_rate else {}),
+                            tok_s=f"{tok_s:.0f}", lr=f"{lr:.1e}")
             logged["tokens_per_s"] = tok_s
             sums, tokens, t_log = {}, 0, time.time()
         bar.update(1)
@@ -282,6 +283,7 @@ def train_step(diffusion, batch, cfg, step, rank, world, device, bf16, warp) -> 
     so each row gets the same noise whatever the number of processes. t is drawn as cfg.time_draw
     says, and the cross-entropy of each bin of t, summed over all processes, updates the TimeWarp."""
     ids, length_mask, cond_mask = batch["ids"], batch["length_mask"], batch["cond_mask"]
+    gap_length = batch.get("gap_length", torch.zeros_like(ids))  # > 0 at the markers of open gaps
     B, L = ids.shape
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
     # (B,): independent uniform draws, or stratified ones, warped or not
@@ -292,6 +294,7 @@ def train_step(diffusion, batch, cfg, step, rank, world, device, bf16, warp) -> 
     self_cond = torch.rand((), generator=g).item() < diffusion.cfg.self_cond_rate
     # the average over all target positions of the global batch, whatever the split
     denom = (length_mask & ~cond_mask).sum().clamp(min=1).float() / world
+    gap_denom = (gap_length > 0).sum().clamp(min=1).float() / world
     rows = torch.arange(B)[rank::world].chunk(cfg.grad_accum)
     sums, warp_sums = {}, 0
     for i, r in enumerate(rows):
@@ -300,11 +303,14 @@ def train_step(diffusion, batch, cfg, step, rank, world, device, bf16, warp) -> 
         with sync:
             # the positions in the loss, found on the CPU: on a GPU that would be a host sync
             target_index = (length_mask[r] & ~cond_mask[r]).flatten().nonzero()[:, 0]
+            gap_index = gap_length[r].flatten().nonzero()[:, 0]
             with autocast(device, bf16):
                 parts = diffusion.loss(ids[r].to(device), length_mask[r].to(device), cond_mask[r].to(device),
                                        t=t[r].to(device), eps=eps[r].to(device), self_cond=self_cond,
                                        denom=denom.to(device), target_index=target_index.to(device),
-                                       mse_weight=None if w is None else w[r].to(device))
+                                       mse_weight=None if w is None else w[r].to(device),
+                                       gap_length=gap_length[r].to(device), gap_index=gap_index.to(device),
+                                       gap_denom=gap_denom.to(device))
             parts["loss"].backward()
         ce_each = parts.pop("ce_each")
         # each position's cross-entropy goes to the bin of its row's t, on the device
@@ -398,7 +404,7 @@ def parse_args(argv=None) -> TrainConfig:
     p.add_argument("--skip", action="store_true", help="the network predicts what x_t misses of x0, not x0 (see Diffusion.denoise)")
     p.add_argument("--embed-dim", type=int, default=d.embed_dim, help="width E of the token embeddings the diffusion runs in (0: the preset's)")
     p.add_argument("--open-rate", type=float, default=d.open_rate,
-                   help="share of batches that hide one span inside a longer gap, the rest padding: this teaches [gap:..N]")
+                   help="share of rows that teach how long a hidden span is, from the words around it: [gap:..N] needs it")
     p.add_argument("--ema", type=float, default=d.ema, help="decay of the weights' moving average that samples use (0: none)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed for initialisation, data order and noise")
     p.add_argument("--device", default=d.device, help="auto, cpu, cuda or mps")

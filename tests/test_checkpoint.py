@@ -101,3 +101,17 @@ def test_a_setting_added_later_reproduces_old_checkpoints():
     no_schedule = {k: v for k, v in DiffusionConfig().__dict__.items() if k != "schedule"}
     with pytest.raises(UserError, match="missing keys \\['schedule'\\]"):
         checkpoint.config_from(DiffusionConfig, no_schedule, "diffusion")
+
+
+def test_weights_added_later_come_as_zeros():
+    """A checkpoint from before the gap-length head loads, its head zero (every length alike); any
+    other missing weight is still an error."""
+    cfg = tiny()
+    model = Estimator(cfg)
+    old = {k: v for k, v in model.state_dict().items() if not k.startswith("gap_head.")}
+    fresh = Estimator(cfg)
+    checkpoint.load_state(fresh, old)
+    assert not fresh.gap_head.weight.any() and not fresh.gap_head.bias.any()
+    assert torch.equal(fresh.film.weight, model.film.weight)
+    with pytest.raises(UserError, match="missing \\['film.bias'\\]"):
+        checkpoint.load_state(fresh, {k: v for k, v in old.items() if k != "film.bias"})

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from diffusion import SAMPLERS, SCHEDULES, SPACINGS, Diffusion, DiffusionConfig, TimeWarp, get_sampler
+from diffusion import GAP_WEIGHT, SAMPLERS, SCHEDULES, SPACINGS, Diffusion, DiffusionConfig, TimeWarp, get_sampler
 from model import Estimator, tiny
 
 V = 40
@@ -41,7 +41,7 @@ def test_schedule_endpoints_and_monotone(name):
 def test_loss_parts_are_finite_and_positive():
     d = make()
     out = d.loss(*batch())
-    assert set(out) == {"loss", "mse", "ce", "acc", "ce_each"}
+    assert set(out) == {"loss", "mse", "ce", "acc", "ce_each", "gap_ce"}
     assert all(torch.isfinite(v).all() for v in out.values())
     assert out["ce"].item() == pytest.approx(out["ce_each"].sum().item() / len(out["ce_each"]), rel=1e-5)
     assert out["loss"].item() == pytest.approx(out["mse"].item() + out["ce"].item(), rel=1e-5)
@@ -236,15 +236,47 @@ def test_skip_keeps_what_x_t_shows():
     assert torch.allclose(at(d, 0.5), mid.sqrt() * x_t + (1 - mid).sqrt() * net(0.5), atol=1e-6)
 
 
-def test_padding_is_written_only_where_allowed():
+def test_padding_is_never_written():
     d = make()
     d.model.forward = lambda x_t, x_cond, x_self, t, mask: d.model.embeddings()[0].expand_as(x_t)  # always "PAD"
     ids, length_mask, cond_mask = batch()
-    pad_ok = length_mask & ~cond_mask & (torch.arange(9) % 2 == 0)
-    out = d.sample(ids, length_mask, cond_mask, steps=3, gen=torch.Generator().manual_seed(0), pad_ok=pad_ok)
-    free = length_mask & ~cond_mask
-    assert (out[pad_ok] == 0).all() and (out[free & ~pad_ok] != 0).all()
-    assert torch.equal(out[cond_mask], ids[cond_mask])
+    out = d.sample(ids, length_mask, cond_mask, steps=3, gen=torch.Generator().manual_seed(0))
+    assert (out[length_mask & ~cond_mask] != 0).all() and torch.equal(out[cond_mask], ids[cond_mask])
+
+
+def test_gap_lengths_are_the_median_within_the_bound():
+    d = make()
+    probs = torch.full((d.model.cfg.max_len,), 1e-9)
+    probs[[3, 5, 9]] = torch.tensor([0.3, 0.4, 0.3])
+    with torch.no_grad():
+        d.model.gap_head.weight.zero_()
+        d.model.gap_head.bias.copy_(probs.log())
+    ids, length_mask, cond_mask = batch()
+    up_to = torch.zeros_like(ids)
+    up_to[0, 2], up_to[1, 4], up_to[2, 0] = 64, 4, 2  # the most each of three gaps may take
+    k = d.gap_lengths(ids, length_mask, cond_mask | (up_to > 0), up_to, gen=torch.Generator().manual_seed(0))
+    assert k[0, 2] == 5 and k[1, 4] == 3 and k[2, 0] == 1  # median; within 1..4 only 3; within 1..2 even: the lower
+    assert (k[up_to == 0] == 0).all()
+
+
+def test_gap_loss_is_the_cross_entropy_at_the_markers():
+    """The markers' mean length cross-entropy joins the loss, weighed by GAP_WEIGHT."""
+    d = make()
+    ids, length_mask, cond_mask = batch()
+    gap_length = torch.zeros_like(ids)
+    gap_length[0, 3], gap_length[2, 1] = 4, 7
+    cond_mask = cond_mask | (gap_length > 0)  # a marker is a context position
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    logits = []
+    hook = d.model.gap_head.register_forward_hook(lambda m, inp, out: logits.append(out))
+    parts = d.loss(ids, length_mask, cond_mask, gen=g(), self_cond=False, gap_length=gap_length)
+    hook.remove()
+    each = torch.nn.functional.cross_entropy(logits[0], torch.tensor([4, 7]), reduction="none")
+    assert torch.allclose(parts["gap_ce"], each.mean())
+    assert torch.allclose(parts["loss"], parts["mse"] + parts["ce"] + GAP_WEIGHT * each.mean())
+    assert d.loss(ids, length_mask, cond_mask, gen=g())["gap_ce"] == 0  # no markers, no term
+    parts["loss"].backward()
+    assert d.model.gap_head.weight.grad.abs().sum() > 0
 
 
 def test_snapping_steps_with_token_embeddings():

@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from data import UserError
 from diffusion import Diffusion, DiffusionConfig
@@ -58,14 +59,31 @@ def test_fill_keeps_context_words(tok):
 
 def test_gaps_of_open_length(tok):
     template = "the red fox [gap:..4] over the [gap:2] dog"
-    ids, cond, gaps, pad_ok = parse_template(template, tok, max_len=64)
-    assert [b - a for a, b in gaps] == [4, 2] and len(pad_ok) == len(ids)
+    ids, cond, gaps, up_to = parse_template(template, tok, max_len=64)
     (a, b), (c, d) = gaps
-    assert [i for i, ok in enumerate(pad_ok) if ok] == list(range(a, b))  # padding allowed in the open gap only
-    fox = tok.encode("fox")
-    ids[a:b] = fox + [PAD] * (4 - len(fox))  # the model used part of the gap; decoding drops the padding
-    ids[c:d] = (fox * 2)[:2]
-    assert fill_template(template, tok, ids, gaps).startswith("the red fox fox over the ")
+    assert b - a == 1 and cond[a] and ids[a] == PAD  # one marker, a context position holding PAD
+    assert d - c == 2 and up_to[a] == 4 and sum(up_to) == 4  # the most the gap may take, at the marker only
+    ids, cond, gaps, up_to = parse_template(template, tok, max_len=64, open_lengths=iter([3]))
+    (a, b), (c, d) = gaps
+    assert [b - a, d - c] == [3, 2] and not any(cond[a:b]) and not any(up_to)
+    with pytest.raises(UserError, match="needs"):  # a gap of open length may take all its N
+        parse_template("the red fox [gap:..30] over the lazy dog", tok, max_len=32)
+
+
+def test_gaps_of_open_length_get_the_length_the_model_tells(tok):
+    cfg = tiny()
+    cfg.vocab_size = tok.vocab_size
+    diffusion = Diffusion(Estimator(cfg), DiffusionConfig(steps=2))
+    with torch.no_grad():  # the model says 3 tokens, whatever the context
+        diffusion.model.gap_head.weight.zero_()
+        diffusion.model.gap_head.bias.copy_(torch.where(torch.arange(cfg.max_len) == 3, 10.0, 0.0))
+    seen = []
+    generate(diffusion, tok, templates=["the red fox [gap:..8] over the [gap:2] dog", "[gap:..2] the fox"],
+             num_samples=2, on_step=lambda i, ids: seen.append(ids))
+    words = [len(tok.encode(s)) for s in ("the red fox", "over the", "dog", "the fox")]
+    lengths = [int((row != PAD).sum()) for row in seen[-1]]  # the rows as sampled: text, gaps and EOS
+    # 3 tokens; where at most 2 may go, 1 and 2 are alike to the model and the lower median is 1
+    assert lengths == [words[0] + 3 + words[1] + 2 + words[2] + 1] * 2 + [1 + words[3] + 1] * 2
 
 
 def test_templates_are_filled_with_the_infill_settings(tok):

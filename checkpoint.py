@@ -157,6 +157,11 @@ def build(ckpt: dict, device="cpu", ema=True):
 WEIGHTS_ADDED_LATER = ("gap_head.weight", "gap_head.bias")
 
 
+def knows_gap_lengths(ckpt: dict) -> bool:
+    """Whether training taught the checkpoint's gap-length head: a [gap:..N] gets a length it learnt."""
+    return bool(ckpt.get("train_config", {}).get("open_rate")) and all(k in ckpt["model"] for k in WEIGHTS_ADDED_LATER)
+
+
 def load_state(model, state: dict):
     """Strict load that names the keys and shapes that differ."""
     own = model.state_dict()

@@ -67,7 +67,7 @@ def main():
         _, held_out = split_valid(read_lines(corpus), seed=0)  # the lines train.py held out
         rng = random.Random(0)
         # gaps of open length only where training taught them (train.py --open-rate)
-        open_gaps = bool(ckpt.get("train_config", {}).get("open_rate"))
+        open_gaps = checkpoint.knows_gap_lengths(ckpt)
         print("\n== infilling held-out lines: [the hidden words] -> the fill of [gap:N], N their length"
               + (", and of [gap:..2N], where the model chooses the length ==" if open_gaps else " =="))
         for line in rng.sample(held_out or [], min(4, len(held_out or []))):

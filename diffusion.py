@@ -363,7 +363,8 @@ class Diffusion:
         n = torch.arange(p.shape[-1], device=ids.device)
         p = p * ((n >= 1) & (n <= up_to[..., None]))  # only 1 .. up_to tokens
         cdf = p.cumsum(-1) / p.sum(-1, keepdim=True).clamp(min=1e-12)
-        return torch.where(up_to > 0, (cdf < 0.5).sum(-1), 0)
+        median = (cdf < 0.5).sum(-1).clamp(min=1).minimum(up_to)  # within 1 .. up_to if all of p underflowed
+        return torch.where(up_to > 0, median, 0)
 
     @torch.no_grad()
     def sample(self, ids, length_mask, cond_mask, steps=None, sampler=None, gen=None, on_step=None, spacing=None,

@@ -5,7 +5,7 @@
     python sample.py --ckpt runs/demo/ckpt.pt --prefix "The Eagle is" --show-steps
 
 Template syntax: `[gap]` is a gap of --gap-length tokens (default 6), `[gap:N]` one of exactly N
-tokens, `[gap:..N]` one of up to N tokens: the model first reads the words around it and chooses
+tokens, `[gap:..N]` one of up to N tokens: the model first reads the rest of the line and chooses
 how many (checkpoints trained with --open-rate above 0, the default, have learnt to), then fills
 that many.
 The text around the gaps is kept word for word (runs of spaces become one); the text ends where the
@@ -125,13 +125,14 @@ def generate(diffusion, tok, templates=None, prefix=None, num_samples=1, steps=N
         lengths = [length] * num_samples if length else draw_lengths(num_samples, hist, gen, n_prefix + 2)
         templates = [f"{prefix or ''} [gap:{n - 1 - n_prefix}]" for n in lengths]
     rows = [parse_template(t, tok, max_len, gap_length) for t in templates]
-    if any(any(r[3]) for r in rows):  # gaps of open length: first how long, then the fills
-        lengths = []
-        for i in range(0, len(rows), batch_size):
-            ids, cond, length_mask, up_to = pack(rows[i: i + batch_size], device)
+    if any(any(r[3]) for r in rows):  # gaps of open length: first how long (once a template), then the fills
+        unique, lengths = list(dict.fromkeys(templates)), {}
+        for i in range(0, len(unique), batch_size):
+            chunk = unique[i: i + batch_size]
+            ids, cond, length_mask, up_to = pack([parse_template(t, tok, max_len, gap_length) for t in chunk], device)
             k = diffusion.gap_lengths(ids, length_mask, cond, up_to, gen=torch.Generator(device=device).manual_seed(seed + i))
-            lengths += [n[u > 0].tolist() for n, u in zip(k.cpu(), up_to.cpu())]
-        rows = [parse_template(t, tok, max_len, gap_length, iter(n)) for t, n in zip(templates, lengths)]
+            lengths.update({t: n[u > 0].tolist() for t, n, u in zip(chunk, k.cpu(), up_to.cpu())})
+        rows = [parse_template(t, tok, max_len, gap_length, iter(lengths[t])) for t in templates]
     texts = []
     for i in range(0, len(rows), batch_size):
         chunk = rows[i: i + batch_size]
@@ -196,9 +197,9 @@ def main():
         ckpt = checkpoint.load(a.ckpt)
         tok, model, diffusion = checkpoint.build(ckpt, pick_device(a.device), ema=not a.no_ema)
         steps = a.steps or diffusion.cfg.steps
-        if any(re.search(r"\[gap:\s*\.\.", t) for t in templates) and not ckpt.get("train_config", {}).get("open_rate"):
-            print("note: this checkpoint was trained with --open-rate 0, so it has not learnt how long a [gap:..N] "
-                  "should be: the lengths it gives are guesses", file=sys.stderr)
+        if any(re.search(r"\[gap:\s*\.\.", t) for t in templates) and not checkpoint.knows_gap_lengths(ckpt):
+            print("note: this checkpoint was trained with --open-rate 0 or before it existed, so it has not learnt "
+                  "how long a [gap:..N] should be: the lengths it gives are guesses", file=sys.stderr)
         on_step = None
         if a.show_steps:
             every = max(1, steps // 10)

@@ -130,10 +130,13 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
         # settings that define the model, the noise or the data: a resumed run must keep them
         before = resume.get("train_config", {})
         for key in ("preset", "max_len", "embed_dim", "backbone", "schedule", "noise_scale", "uncond_rate", "sampler",
-                    "self_cond_rate", "skip"):
+                    "self_cond_rate", "skip", "open_rate"):
             if key in before and before[key] != getattr(cfg, key):
                 raise UserError(f"{ckpt_path} was trained with --{key.replace('_', '-')} {before[key]}; resuming "
                                 f"with {getattr(cfg, key)} would not continue that run: use the same value or another --out")
+        if not all(k in resume["model"] for k in checkpoint.WEIGHTS_ADDED_LATER):
+            raise UserError(f"{ckpt_path} was written by an older version, without the gap-length head; "
+                            f"it samples as it did, but a run cannot resume from it: use another --out")
         tok, model, diffusion = checkpoint.build(resume, device, ema=False)  # train on the trained weights
         if cfg.tokenizer and Tokenizer.load(cfg.tokenizer).model_bytes != tok.model_bytes:
             raise UserError(f"{ckpt_path} was trained with another tokenizer than {cfg.tokenizer}; use another --out")

@@ -257,6 +257,10 @@ def test_gap_lengths_are_the_median_within_the_bound():
     k = d.gap_lengths(ids, length_mask, cond_mask | (up_to > 0), up_to, gen=torch.Generator().manual_seed(0))
     assert k[0, 2] == 5 and k[1, 4] == 3 and k[2, 0] == 1  # median; within 1..4 only 3; within 1..2 even: the lower
     assert (k[up_to == 0] == 0).all()
+    with torch.no_grad():  # all the mass on 60 tokens: nothing left within 1..up_to, which gets the most allowed
+        d.model.gap_head.bias.copy_(torch.where(torch.arange(d.model.cfg.max_len) == 60, 200.0, 0.0))
+    k = d.gap_lengths(ids, length_mask, cond_mask | (up_to > 0), up_to, gen=torch.Generator().manual_seed(0))
+    assert k[0, 2] == 60 and k[1, 4] == 4 and k[2, 0] == 2
 
 
 def test_gap_loss_is_the_cross_entropy_at_the_markers():

@@ -174,3 +174,13 @@ def test_resuming_with_another_model_setting_is_refused(corpus_file, tok_file, t
     train(config(corpus_file, tok_file, out, max_steps=2), quiet=True)
     with pytest.raises(UserError, match="--schedule cosine"):
         train(config(corpus_file, tok_file, out, max_steps=4, schedule="sqrt"), quiet=True)
+
+
+def test_resuming_a_checkpoint_without_the_gap_length_head_is_refused(corpus_file, tok_file, tmp_path):
+    train(config(corpus_file, tok_file, tmp_path / "a", max_steps=1), quiet=True)
+    path = tmp_path / "a" / "ckpt.pt"
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["model"] = {k: v for k, v in ckpt["model"].items() if not k.startswith("gap_head.")}
+    torch.save(ckpt, path)
+    with pytest.raises(UserError, match="older version"):
+        train(config(corpus_file, tok_file, tmp_path / "a", max_steps=2), quiet=True)

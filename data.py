@@ -150,7 +150,7 @@ def infill_masks(lengths: torch.Tensor, L: int, gen: torch.Generator | None = No
 def collapse_gaps(ids, lengths, start, k) -> dict:
     """Replace tokens start..start+k-1 of each row by one marker: a context position holding PAD,
     whose `gap_length` is k. No other context position ever holds PAD, so the model can tell a
-    marker, and learns to read from the words around it how long the gap is (Denoiser.gap_logits);
+    marker, and learns to read from the line around it how long the gap is (Denoiser.gap_head);
     [gap:..N] in sample.py asks it. ids (B, L) hold texts of `lengths` (B,) tokens; start, k are
     (B,). A row with k = 0 stays as it is, without a marker. Every position is context: the row
     teaches the length only."""

@@ -351,14 +351,14 @@ class Diffusion:
         return out
 
     @torch.no_grad()
-    def gap_lengths(self, ids, length_mask, cond_mask, up_to, t=1.0, gen=None):
+    def gap_lengths(self, ids, length_mask, cond_mask, up_to, gen=None):
         """How many tokens each gap of open length gets: at every marker (a context position holding
         PAD, data.collapse_gaps), the median of the lengths 1 .. up_to that the model predicts there,
         from one network evaluation. up_to (B, L) is the most each gap may take, 0 but at markers. Other
-        positions outside the context (gaps of fixed length) are pure noise, at time t."""
+        positions outside the context (gaps of fixed length) are pure noise, at t = 1."""
         x0, x_cond = self.inputs(ids, cond_mask)
         x_t = torch.where(cond_mask[..., None], x0, torch.randn(x0.shape, generator=gen, device=ids.device))
-        x0_hat = self.denoise(x_t, x_cond, torch.zeros_like(x0), torch.full((len(ids),), t, device=ids.device), length_mask)
+        x0_hat = self.denoise(x_t, x_cond, torch.zeros_like(x0), torch.ones(len(ids), device=ids.device), length_mask)
         p = self.model.gap_head(x0_hat.float()).softmax(-1)  # (B, L, max_len)
         n = torch.arange(p.shape[-1], device=ids.device)
         p = p * ((n >= 1) & (n <= up_to[..., None]))  # only 1 .. up_to tokens

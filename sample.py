@@ -124,15 +124,14 @@ def generate(diffusion, tok, templates=None, prefix=None, num_samples=1, steps=N
         hist = lengths_from or [0, 0] + [1] * (max_len - 1)
         lengths = [length] * num_samples if length else draw_lengths(num_samples, hist, gen, n_prefix + 2)
         templates = [f"{prefix or ''} [gap:{n - 1 - n_prefix}]" for n in lengths]
-    rows = [parse_template(t, tok, max_len, gap_length) for t in templates]
-    if any(any(r[3]) for r in rows):  # gaps of open length: first how long (once a template), then the fills
-        unique, lengths = list(dict.fromkeys(templates)), {}
-        for i in range(0, len(unique), batch_size):
-            chunk = unique[i: i + batch_size]
-            ids, cond, length_mask, up_to = pack([parse_template(t, tok, max_len, gap_length) for t in chunk], device)
+    unique, lengths = list(dict.fromkeys(templates)), {}
+    marked = [parse_template(t, tok, max_len, gap_length) for t in unique]  # a marker for each gap of open length
+    for i in range(0, len(unique), batch_size):  # gaps of open length: first how long (once a template)
+        if any(any(r[3]) for r in marked[i: i + batch_size]):
+            ids, cond, length_mask, up_to = pack(marked[i: i + batch_size], device)
             k = diffusion.gap_lengths(ids, length_mask, cond, up_to, gen=torch.Generator(device=device).manual_seed(seed + i))
-            lengths.update({t: n[u > 0].tolist() for t, n, u in zip(chunk, k.cpu(), up_to.cpu())})
-        rows = [parse_template(t, tok, max_len, gap_length, iter(lengths[t])) for t in templates]
+            lengths.update({t: n[u > 0].tolist() for t, n, u in zip(unique[i: i + batch_size], k.cpu(), up_to.cpu())})
+    rows = [parse_template(t, tok, max_len, gap_length, iter(lengths.get(t, []))) for t in templates]
     texts = []
     for i in range(0, len(rows), batch_size):
         chunk = rows[i: i + batch_size]

@@ -15,6 +15,7 @@ import torch
 
 import checkpoint
 from data import UserError, read_lines, split_valid, stdlib_sentences
+from model import PRESETS
 from sample import generate
 from train import TrainConfig, train
 
@@ -39,7 +40,8 @@ def main():
     p.add_argument("--corpus", help="your corpus, one example a line (default: Python docstring sentences)")
     p.add_argument("--out", default="runs/demo", help="folder for the corpus, tokenizer and checkpoint")
     p.add_argument("--minutes", type=float, default=10, help="training time budget")
-    p.add_argument("--preset", default="small", help="model size (see model.py)")
+    p.add_argument("--preset", default="cpu", choices=sorted(PRESETS),
+                   help="model size (see model.py); cpu takes the most steps in a CPU's minutes")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the checkpoint's)")
     a = p.parse_args()
     if not a.minutes > 0 or (a.steps is not None and a.steps < 1):

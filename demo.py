@@ -41,7 +41,7 @@ def main():
     p.add_argument("--out", default="runs/demo", help="folder for the corpus, tokenizer and checkpoint")
     p.add_argument("--minutes", type=float, default=10, help="training time budget")
     p.add_argument("--preset", default="cpu", choices=sorted(PRESETS),
-                   help="model size (see model.py); cpu did best in the README's 10-minute CPU runs")
+                   help="model size (see model.py); cpu is sized for minutes of a CPU (README, presets)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the checkpoint's)")
     a = p.parse_args()
     if not a.minutes > 0 or (a.steps is not None and a.steps < 1):

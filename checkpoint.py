@@ -104,8 +104,9 @@ def load(path: str, map_location="cpu") -> dict:
 
 
 # Settings added to the configs after checkpoints of this version were first written, with the value
-# that reproduces what those checkpoints did (infill_temperature and infill_spacing: their temperature
-# and spacing, which they used for templates too). Any other missing key is an error.
+# that reproduces what those checkpoints did (infill_steps, infill_temperature and infill_spacing:
+# their steps, temperature and spacing, which they used for templates too). Any other missing key is
+# an error.
 ADDED_LATER = {"backbone": "estimator", "spacing": "uniform", "temperature": 1.0, "snap": 0.0, "skip": False}
 
 
@@ -113,7 +114,7 @@ def config_from(cls, d: dict, what: str):
     """Rebuild a config dataclass, naming any key that this code does not know or lacks."""
     names = {f.name for f in fields(cls)}
     d = {**{k: v for k, v in ADDED_LATER.items() if k in names}, **d}
-    for fill, sample in (("infill_temperature", "temperature"), ("infill_spacing", "spacing")):
+    for fill, sample in (("infill_steps", "steps"), ("infill_temperature", "temperature"), ("infill_spacing", "spacing")):
         if fill in names:
             d.setdefault(fill, d[sample])
     unknown, missing = sorted(set(d) - names), sorted(names - set(d))

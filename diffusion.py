@@ -40,21 +40,24 @@ class DiffusionConfig:
     ce_weight: float = 1.0        # loss = mse + ce_weight * ce
     skip: bool = False            # x̂0 = √γ x_t + √(1-γ) net(...): see Diffusion.denoise
     # Sampling defaults, measured with evaluate.py (README, "Few steps"): 20 ancestral steps,
-    # short ones at high noise, a slightly sharpened interpolation, beat 200 plain DDIM steps.
+    # short ones at high noise, a slightly sharpened interpolation, beat 200 plain DDIM steps;
+    # samples gain from more steps, fills do not (README, "What sample fluency costs").
     sampler: str = "ddpm"         # update rule: a name in SAMPLERS
-    steps: int = 20               # default number of sampling steps
+    steps: int = 50               # number of sampling steps, for samples
+    infill_steps: int = 20        # the same for filling a template's gaps
     spacing: str = "warped"       # where the sampling steps fall in t, for samples: a name in SPACINGS
     infill_spacing: str = "quadratic"  # the same for filling a template's gaps (README, "Better text")
     temperature: float = 0.8      # softmax temperature of the sampler's interpolation, for samples
     infill_temperature: float = 0.5  # the same for filling a template's gaps: a fill should be likely, samples varied
     snap: float = 0.0             # below this t, step with the likeliest token's embedding (0: never)
 
-    def settings(self, fill: bool, spacing=None, temperature=None):
-        """(spacing, temperature) for one use of the sampler: the given ones, else this config's,
-        its infill_* ones when `fill`ing a template's gaps."""
+    def settings(self, fill: bool, steps=None, spacing=None, temperature=None):
+        """(steps, spacing, temperature) for one use of the sampler: the given ones, else this
+        config's, its infill_* ones when `fill`ing a template's gaps."""
         if fill:
-            return spacing or self.infill_spacing, self.infill_temperature if temperature is None else temperature
-        return spacing or self.spacing, self.temperature if temperature is None else temperature
+            return (steps or self.infill_steps, spacing or self.infill_spacing,
+                    self.infill_temperature if temperature is None else temperature)
+        return steps or self.steps, spacing or self.spacing, self.temperature if temperature is None else temperature
 
 
 # --- noise schedules: t in [0, 1] -> γ(t), decreasing from 1 to 0 ---------------------------------
@@ -376,7 +379,7 @@ class Diffusion:
         cond_mask:   (B, L) True where ids are given; they stay fixed at every step
         sampler, spacing, temperature: names in SAMPLERS and SPACINGS, and the interpolation's
                      softmax temperature (default: the config's; sample.generate passes the
-                     config's infill_spacing and infill_temperature for templates)
+                     config's infill_steps, infill_spacing and infill_temperature for templates)
         guidance:    classifier-free guidance weight W: x̂0 = x̂0_uncond + W (x̂0_cond - x̂0_uncond).
                      1 is the plain conditional model, 0 ignores the context, above 1 follows it
                      harder. W != 1 costs a second network evaluation a step.

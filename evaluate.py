@@ -151,9 +151,9 @@ def denoising(diffusion, corpus, times=TIMES, seed=0, batch_size=64) -> dict:
 def infilling(diffusion, corpus, kind, steps, sampler, seed=0, batch_size=64, spacing=None, guidance=1.0,
               temperature=None, snap=None) -> dict:
     """Hide tokens of each line as `kind` says, fill them with Diffusion.sample, score the fills.
-    spacing and temperature default to the checkpoint's for templates (infill_*)."""
+    steps, spacing and temperature default to the checkpoint's for templates (infill_*)."""
     device = next(diffusion.model.parameters()).device
-    spacing, temperature = diffusion.cfg.settings(True, spacing, temperature)
+    steps, spacing, temperature = diffusion.cfg.settings(True, steps, spacing, temperature)
     mask_gen = torch.Generator().manual_seed(seed)
     hidden = pad_sequence([hide(kind, len(ids), mask_gen) for ids in corpus.ids], batch_first=True)  # (N, L)
     target = pad_sequence([torch.tensor(ids) for ids in corpus.ids], batch_first=True, padding_value=PAD)  # (N, L)
@@ -180,9 +180,9 @@ def open_infilling(diffusion, corpus, steps, sampler, seed=0, batch_size=64, spa
     fills them: each span is one marker whose length the model tells (Diffusion.gap_lengths, up to
     all the room it has, max_len - (n - k) for a span of k of a line's n tokens), then a gap of that
     many tokens is filled. Scores: the fills' lengths beside the spans' true lengths, and aligned
-    token accuracy. spacing and temperature default to the checkpoint's for templates (infill_*)."""
+    token accuracy. steps, spacing and temperature default to the checkpoint's for templates (infill_*)."""
     device = next(diffusion.model.parameters()).device
-    spacing, temperature = diffusion.cfg.settings(True, spacing, temperature)
+    steps, spacing, temperature = diffusion.cfg.settings(True, steps, spacing, temperature)
     max_len = diffusion.model.cfg.max_len
     mask_gen = torch.Generator().manual_seed(seed)
     hidden = [hide("span", len(ids), mask_gen) for ids in corpus.ids]  # the very spans of infilling()
@@ -250,11 +250,13 @@ def evaluate(diffusion, tok, valid_lines, judge=None, train_lines=None, length_h
              num_samples=200, steps=DiffusionConfig.steps, sampler=DiffusionConfig.sampler, seed=0, batch_size=64,
              spacing=None, guidance=1.0, temperature=DiffusionConfig.temperature,
              snap=DiffusionConfig.snap, infill_temperature=DiffusionConfig.infill_temperature,
-             infill_spacing=None) -> dict:
-    """All sections as a dict of plain values (the JSON). Infilling and open gaps are sampled at
-    `infill_temperature` with `infill_spacing`, unconditional samples at `temperature` with `spacing`,
-    as sample.py does by default; the spacings default to the checkpoint's."""
-    spacing, infill_spacing = diffusion.cfg.settings(False, spacing)[0], diffusion.cfg.settings(True, infill_spacing)[0]
+             infill_spacing=None, infill_steps=DiffusionConfig.infill_steps) -> dict:
+    """All sections as a dict of plain values (the JSON). Infilling and open gaps are sampled in
+    `infill_steps` steps at `infill_temperature` with `infill_spacing`, unconditional samples in
+    `steps` at `temperature` with `spacing`, as sample.py does by default; the spacings default to
+    the checkpoint's."""
+    spacing = diffusion.cfg.settings(False, spacing=spacing)[1]
+    infill_spacing = diffusion.cfg.settings(True, spacing=infill_spacing)[1]
     max_len = diffusion.model.cfg.max_len
     pick = torch.randperm(len(valid_lines), generator=torch.Generator().manual_seed(seed))[:num_lines]
     lines = [valid_lines[i] for i in sorted(pick.tolist())]
@@ -263,14 +265,15 @@ def evaluate(diffusion, tok, valid_lines, judge=None, train_lines=None, length_h
     train_set = None
     if train_lines:
         train_set = {" ".join(tok.decode(ids).split()) for ids in Corpus(train_lines, tok, max_len).ids}
-    r = {"settings": {"num_lines": len(lines), "num_samples": num_samples, "steps": steps, "sampler": sampler,
+    r = {"settings": {"num_lines": len(lines), "num_samples": num_samples, "steps": steps, "infill_steps": infill_steps,
+                      "sampler": sampler,
                       "spacing": spacing, "infill_spacing": infill_spacing, "guidance": guidance, "temperature": temperature,
                       "infill_temperature": infill_temperature, "snap": snap, "seed": seed, "judge": judge is not None,
                       "train": train_set is not None}}
     r["denoising"] = denoising(diffusion, corpus, TIMES, seed, batch_size)
-    r["infilling"] = {kind: infilling(diffusion, corpus, kind, steps, sampler, seed, batch_size, infill_spacing,
+    r["infilling"] = {kind: infilling(diffusion, corpus, kind, infill_steps, sampler, seed, batch_size, infill_spacing,
                                       guidance, infill_temperature, snap) for kind in HIDE}
-    r["open_gaps"] = open_infilling(diffusion, corpus, steps, sampler, seed, batch_size, infill_spacing, infill_temperature,
+    r["open_gaps"] = open_infilling(diffusion, corpus, infill_steps, sampler, seed, batch_size, infill_spacing, infill_temperature,
                                     snap)
     texts, tokens, seconds = unconditional(diffusion, tok, num_samples, steps, sampler, seed, length_hist, batch_size,
                                            spacing, temperature, snap)
@@ -288,7 +291,7 @@ def table(r) -> str:
     out = [f"denoising: {s['num_lines']} held-out lines, no context, self-conditioning off",
            "  t" + " " * 30 + "".join(f"{t:>8}" for t in r["denoising"])]
     out += [f"  {k:<31}" + "".join(f"{v[k]:>8.3f}" for v in r["denoising"].values()) for k in ("mse", "ce", "acc")]
-    out += [f"infilling: {s['steps']} {s['sampler']} steps, {s.get('infill_spacing', s['spacing'])} spacing, "
+    out += [f"infilling: {s.get('infill_steps', s['steps'])} {s['sampler']} steps, {s.get('infill_spacing', s['spacing'])} spacing, "
             f"temperature {s.get('infill_temperature', s['temperature']):g}, guidance {s['guidance']:g}",
             row("", "token acc", "exact lines")]
     for kind, label in (("span", "one span, 25-50% hidden"), ("scattered", "scattered, 15% hidden")):
@@ -355,7 +358,8 @@ def main(argv=None):
     p.add_argument("--train", default="", help="training text for the copy check (default: the checkpoint's corpus, if found)")
     p.add_argument("--num-lines", type=int, default=200, help="held-out lines to use (a fixed-seed choice)")
     p.add_argument("--num-samples", type=int, default=200, help="unconditional samples")
-    p.add_argument("--steps", type=int, default=DiffusionConfig.steps, help="denoising steps for infilling and samples")
+    p.add_argument("--steps", type=int, default=DiffusionConfig.steps, help="denoising steps for unconditional samples")
+    p.add_argument("--infill-steps", type=int, default=DiffusionConfig.infill_steps, help="the same, for infilling and gaps of open length")
     p.add_argument("--sampler", default=DiffusionConfig.sampler, help=f"update rule, one of {', '.join(SAMPLERS)}")
     p.add_argument("--spacing", default="", help=f"where the steps fall in t for samples, one of {', '.join(SPACINGS)}; "
                    "default: the checkpoint's (the other settings default to this code's)")
@@ -385,8 +389,9 @@ def main(argv=None):
         return
     if not a.ckpt or not a.valid:
         p.error("give --ckpt and --valid (or --compare BEFORE AFTER)")
-    if min(a.num_lines, a.num_samples, a.steps, a.batch_size) < 1 or a.threads < 0 or not min(a.temperature, a.infill_temperature) > 0:
-        p.error("--num-lines, --num-samples, --steps and --batch-size must be at least 1; --threads not negative; "
+    if min(a.num_lines, a.num_samples, a.steps, a.infill_steps, a.batch_size) < 1 or a.threads < 0 \
+            or not min(a.temperature, a.infill_temperature) > 0:
+        p.error("--num-lines, --num-samples, --steps, --infill-steps and --batch-size must be at least 1; --threads not negative; "
                 "--temperature and --infill-temperature positive")
     torch.set_num_threads(a.threads or os.cpu_count() or 1)
     try:
@@ -407,7 +412,7 @@ def main(argv=None):
             raise UserError(f"--json {a.json}: no such folder")
         r = evaluate(diffusion, tok, valid_lines, judge, train_lines, ckpt.get("length_hist"), a.num_lines,
                      a.num_samples, a.steps, a.sampler, a.seed, a.batch_size, a.spacing, a.guidance, a.temperature,
-                     a.snap, a.infill_temperature, a.infill_spacing)
+                     a.snap, a.infill_temperature, a.infill_spacing, a.infill_steps)
     except UserError as e:
         sys.exit(f"error: {e}")
     r["settings"].update(checkpoint_step=ckpt.get("step"), train_file=train_path if train_lines else None)

@@ -102,9 +102,9 @@ def generate(diffusion, tok, templates=None, prefix=None, num_samples=1, steps=N
     neither:   num_samples unconditional texts
     Lengths (in tokens, EOS included) are `length` if given, else drawn from `lengths_from`, the
     training corpus's length histogram that every checkpoint carries. steps, sampler, spacing,
-    guidance, temperature and snap are those of Diffusion.sample; the default spacing and
-    temperature are the checkpoint's infill_spacing and infill_temperature for templates, its
-    spacing and temperature for a prefix or no context. A gap of open length ([gap:..N]) gets the
+    guidance, temperature and snap are those of Diffusion.sample; the default steps, spacing and
+    temperature are the checkpoint's infill_* ones for templates, its steps, spacing and
+    temperature for a prefix or no context. A gap of open length ([gap:..N]) gets the
     length the model tells (Diffusion.gap_lengths), the same for every sample, then is filled."""
     model = diffusion.model
     max_len = model.cfg.max_len
@@ -112,7 +112,7 @@ def generate(diffusion, tok, templates=None, prefix=None, num_samples=1, steps=N
     gen = torch.Generator().manual_seed(seed)
     if length is not None and not 1 <= length <= max_len:
         raise UserError(f"--length {length}: must be between 1 and {max_len}, the model's maximum")
-    spacing, temperature = diffusion.cfg.settings(bool(templates), spacing, temperature)
+    steps, spacing, temperature = diffusion.cfg.settings(bool(templates), steps, spacing, temperature)
     if templates:
         templates = [t for t in templates for _ in range(num_samples)]
     else:
@@ -161,7 +161,7 @@ def main():
     p.add_argument("--template-file", help="a file of templates, one a line")
     p.add_argument("--prefix", help="text to continue")
     p.add_argument("--num-samples", type=int, default=4, help="texts per template (or in all, without a template)")
-    p.add_argument("--steps", type=int, help="denoising steps (default: the checkpoint's, 20 for new ones)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: the checkpoint's, 20 for templates and 50 otherwise in new ones)")
     p.add_argument("--sampler", default="", help=f"update rule, one of {', '.join(SAMPLERS)}; default: the checkpoint's")
     p.add_argument("--spacing", default="", help=f"where the steps fall in t, one of {', '.join(SPACINGS)} "
                    "(default: the checkpoint's, quadratic for templates and warped otherwise in new ones)")
@@ -195,7 +195,7 @@ def main():
             templates += read_lines(a.template_file)
         ckpt = checkpoint.load(a.ckpt)
         tok, model, diffusion = checkpoint.build(ckpt, pick_device(a.device), ema=not a.no_ema)
-        steps = a.steps or diffusion.cfg.steps
+        steps = diffusion.cfg.settings(bool(templates), a.steps)[0]
         if any(re.search(r"\[gap:\s*\.\.", t) for t in templates) and not checkpoint.knows_gap_lengths(ckpt):
             print("note: this checkpoint was trained with --open-rate 0 or before it existed, so it has not learnt "
                   "how long a [gap:..N] should be: the lengths it gives are guesses", file=sys.stderr)

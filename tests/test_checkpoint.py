@@ -90,14 +90,16 @@ def test_a_checkpoint_of_an_unregistered_backbone_is_a_clear_error(tok):
 def test_a_setting_added_later_reproduces_old_checkpoints():
     """A checkpoint written before a setting existed loads with the value it was made with; any
     other missing key is still an error."""
-    later = ("temperature", "spacing", "skip", "infill_temperature", "infill_spacing")
+    later = ("temperature", "spacing", "skip", "infill_steps", "infill_temperature", "infill_spacing")
     old = {k: v for k, v in DiffusionConfig().__dict__.items() if k not in later}
     cfg = checkpoint.config_from(DiffusionConfig, old, "diffusion")
     assert cfg.temperature == cfg.infill_temperature == 1.0 and cfg.spacing == cfg.infill_spacing == "uniform"
     assert cfg.skip is False
     # the infill settings came later still: a checkpoint without them fills templates as it samples
-    cfg = checkpoint.config_from(DiffusionConfig, {**old, "temperature": 0.9, "spacing": "quadratic"}, "diffusion")
+    cfg = checkpoint.config_from(DiffusionConfig, {**old, "temperature": 0.9, "spacing": "quadratic", "steps": 20},
+                                 "diffusion")
     assert cfg.infill_temperature == cfg.temperature == 0.9 and cfg.infill_spacing == cfg.spacing == "quadratic"
+    assert cfg.infill_steps == cfg.steps == 20
     no_schedule = {k: v for k, v in DiffusionConfig().__dict__.items() if k != "schedule"}
     with pytest.raises(UserError, match="missing keys \\['schedule'\\]"):
         checkpoint.config_from(DiffusionConfig, no_schedule, "diffusion")

@@ -94,16 +94,16 @@ def test_gaps_of_open_length_get_the_length_the_model_tells(tok):
 
 def test_templates_are_filled_with_the_infill_settings(tok):
     """A fill should be the likeliest text, a sample a varied one: templates default to the
-    checkpoint's infill_temperature and infill_spacing, a prefix or no context to its temperature
-    and spacing; a given one wins."""
+    checkpoint's infill_steps, infill_temperature and infill_spacing, a prefix or no context to its
+    steps, temperature and spacing; a given one wins."""
     cfg = tiny()
     cfg.vocab_size = tok.vocab_size
-    diffusion = Diffusion(Estimator(cfg), DiffusionConfig(temperature=0.8, infill_temperature=0.3, steps=2,
-                                                          spacing="sqrt", infill_spacing="quadratic"))
+    diffusion = Diffusion(Estimator(cfg), DiffusionConfig(temperature=0.8, infill_temperature=0.3, steps=3,
+                                                          infill_steps=2, spacing="sqrt", infill_spacing="quadratic"))
     used, sample = [], diffusion.sample
-    diffusion.sample = lambda *a, **kw: used.append((kw["temperature"], kw["spacing"])) or sample(*a, **kw)
+    diffusion.sample = lambda *a, **kw: used.append((kw["steps"], kw["temperature"], kw["spacing"])) or sample(*a, **kw)
     generate(diffusion, tok, templates=["the red fox [gap:2] dog"], num_samples=2)
     generate(diffusion, tok, prefix="the red", num_samples=2)
     generate(diffusion, tok, num_samples=2)
-    generate(diffusion, tok, templates=["the red fox [gap:2] dog"], temperature=0.6, spacing="uniform")
-    assert used == [(0.3, "quadratic"), (0.8, "sqrt"), (0.8, "sqrt"), (0.6, "uniform")]
+    generate(diffusion, tok, templates=["the red fox [gap:2] dog"], steps=4, temperature=0.6, spacing="uniform")
+    assert used == [(2, 0.3, "quadratic"), (3, 0.8, "sqrt"), (3, 0.8, "sqrt"), (4, 0.6, "uniform")]

@@ -67,7 +67,8 @@ def main():
     p.add_argument("--vocab-size", type=int, default=4000, help="vocabulary size")
     p.add_argument("--batch-size", type=int, default=64, help="rows per batch")
     p.add_argument("--length", type=int, default=64, help="tokens per row (all real: no padding)")
-    p.add_argument("--steps", type=int, default=20, help="sampling steps")
+    p.add_argument("--steps", type=int, default=DiffusionConfig.infill_steps,
+                   help=f"sampling steps (default: the fills'; samples default to {DiffusionConfig.steps})")
     p.add_argument("--sample-batch", type=int, default=8, help="rows sampled at once")
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="bf16 autocast or float32 (auto: as train.py decides on this machine)")

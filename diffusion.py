@@ -40,8 +40,8 @@ class DiffusionConfig:
     ce_weight: float = 1.0        # loss = mse + ce_weight * ce
     skip: bool = False            # x̂0 = √γ x_t + √(1-γ) net(...): see Diffusion.denoise
     # Sampling defaults, measured with evaluate.py (README, "Few steps"): 20 ancestral steps,
-    # short ones at high noise, a slightly sharpened interpolation, beat 200 plain DDIM steps;
-    # samples gain from more steps, fills do not (README, "What sample fluency costs").
+    # short ones at high noise, a slightly sharpened interpolation, beat 200 plain DDIM steps (the
+    # fills' default); samples gain from more, fills do not (README, "What sample fluency costs").
     sampler: str = "ddpm"         # update rule: a name in SAMPLERS
     steps: int = 50               # number of sampling steps, for samples
     infill_steps: int = 20        # the same for filling a template's gaps
@@ -377,9 +377,10 @@ class Diffusion:
         ids:         (B, L) tokens; only those at context positions are read
         length_mask: (B, L) True on the positions to produce (the text and its EOS)
         cond_mask:   (B, L) True where ids are given; they stay fixed at every step
-        sampler, spacing, temperature: names in SAMPLERS and SPACINGS, and the interpolation's
-                     softmax temperature (default: the config's; sample.generate passes the
-                     config's infill_steps, infill_spacing and infill_temperature for templates)
+        steps, sampler, spacing, temperature: the number of steps, names in SAMPLERS and
+                     SPACINGS, and the interpolation's softmax temperature (default: the
+                     config's steps, spacing and temperature, also with a context; sample.generate
+                     passes the config's infill_* ones for templates)
         guidance:    classifier-free guidance weight W: x̂0 = x̂0_uncond + W (x̂0_cond - x̂0_uncond).
                      1 is the plain conditional model, 0 ignores the context, above 1 follows it
                      harder. W != 1 costs a second network evaluation a step.

@@ -224,7 +224,7 @@ def open_infilling(diffusion, corpus, steps, sampler, seed=0, batch_size=64, spa
 def unconditional(diffusion, tok, num_samples, steps, sampler, seed, length_hist, batch_size, spacing=None,
                   temperature=None, snap=None):
     """K samples from sample.generate: (texts, their tokens as the model wrote them, seconds)."""
-    final = []
+    final, steps = [], diffusion.cfg.settings(False, steps)[0]
 
     def keep_last(i, ids):  # generate calls this per batch and step; the last step is the output
         if i == steps - 1:

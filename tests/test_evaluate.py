@@ -192,7 +192,8 @@ def test_fills_and_samples_get_their_own_settings(run_dir, tok):
 
 def test_evaluate_end_to_end_twice(run_dir, corpus_file, capsys):
     args = ["--ckpt", str(run_dir / "out" / "ckpt.pt"), "--valid", corpus_file, "--judge", str(run_dir / "judge.pt"),
-            "--num-lines", "6", "--num-samples", "5", "--steps", "3", "--batch-size", "4", "--threads", "1"]
+            "--num-lines", "6", "--num-samples", "5", "--steps", "3", "--infill-steps", "3", "--batch-size", "4",
+            "--threads", "1"]
     results = []
     for name in ("a.json", "b.json"):
         evaluate.main(args + ["--json", str(run_dir / name)])

@@ -73,7 +73,7 @@ def test_gaps_of_open_length(tok):
 def test_gaps_of_open_length_get_the_length_the_model_tells(tok):
     cfg = tiny()
     cfg.vocab_size = tok.vocab_size
-    diffusion = Diffusion(Estimator(cfg), DiffusionConfig(steps=2))
+    diffusion = Diffusion(Estimator(cfg), DiffusionConfig(steps=2, infill_steps=2))
     with torch.no_grad():  # the model says 3 tokens, whatever the context
         diffusion.model.gap_head.weight.zero_()
         diffusion.model.gap_head.bias.copy_(torch.where(torch.arange(cfg.max_len) == 3, 10.0, 0.0))

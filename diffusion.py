@@ -41,7 +41,7 @@ class DiffusionConfig:
     skip: bool = False            # x̂0 = √γ x_t + √(1-γ) net(...): see Diffusion.denoise
     # Sampling defaults, measured with evaluate.py (README, "Few steps"): 20 ancestral steps,
     # short ones at high noise, a slightly sharpened interpolation, beat 200 plain DDIM steps (the
-    # fills' default); samples gain from more, fills do not (README, "What sample fluency costs").
+    # fills' default); samples gain from more, fills do not (EXPERIMENTS.md, "What sample fluency costs").
     sampler: str = "ddpm"         # update rule: a name in SAMPLERS
     steps: int = 50               # number of sampling steps, for samples
     infill_steps: int = 20        # the same for filling a template's gaps

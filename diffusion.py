@@ -46,7 +46,7 @@ class DiffusionConfig:
     steps: int = 50               # number of sampling steps, for samples
     infill_steps: int = 20        # the same for filling a template's gaps
     spacing: str = "warped"       # where the sampling steps fall in t, for samples: a name in SPACINGS
-    infill_spacing: str = "quadratic"  # the same for filling a template's gaps (README, "Better text")
+    infill_spacing: str = "quadratic"  # the same for templates (EXPERIMENTS.md, "Sampling steps where training looks")
     temperature: float = 0.8      # softmax temperature of the sampler's interpolation, for samples
     infill_temperature: float = 0.5  # the same for filling a template's gaps: a fill should be likely, samples varied
     snap: float = 0.0             # below this t, step with the likeliest token's embedding (0: never)

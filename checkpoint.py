@@ -114,7 +114,8 @@ def config_from(cls, d: dict, what: str):
     """Rebuild a config dataclass, naming any key that this code does not know or lacks."""
     names = {f.name for f in fields(cls)}
     d = {**{k: v for k, v in ADDED_LATER.items() if k in names}, **d}
-    for fill, sample in (("infill_steps", "steps"), ("infill_temperature", "temperature"), ("infill_spacing", "spacing")):
+    for fill, sample in (("infill_steps", "steps"), ("infill_temperature", "temperature"),
+                         ("infill_spacing", "spacing")):
         if fill in names:
             d.setdefault(fill, d[sample])
     unknown, missing = sorted(set(d) - names), sorted(names - set(d))

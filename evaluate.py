@@ -224,7 +224,7 @@ def open_infilling(diffusion, corpus, steps, sampler, seed=0, batch_size=64, spa
 def unconditional(diffusion, tok, num_samples, steps, sampler, seed, length_hist, batch_size, spacing=None,
                   temperature=None, snap=None):
     """K samples from sample.generate: (texts, their tokens as the model wrote them, seconds)."""
-    final, steps = [], diffusion.cfg.settings(False, steps)[0]
+    final, steps = [], diffusion.cfg.settings(False, steps)[0]  # keep_last needs the number generate will use
 
     def keep_last(i, ids):  # generate calls this per batch and step; the last step is the output
         if i == steps - 1:
@@ -255,8 +255,9 @@ def evaluate(diffusion, tok, valid_lines, judge=None, train_lines=None, length_h
     `infill_steps` steps at `infill_temperature` with `infill_spacing`, unconditional samples in
     `steps` at `temperature` with `spacing`, as sample.py does by default; the spacings default to
     the checkpoint's."""
-    spacing = diffusion.cfg.settings(False, spacing=spacing)[1]
-    infill_spacing = diffusion.cfg.settings(True, spacing=infill_spacing)[1]
+    steps, spacing, temperature = diffusion.cfg.settings(False, steps, spacing, temperature)
+    infill_steps, infill_spacing, infill_temperature = diffusion.cfg.settings(True, infill_steps, infill_spacing,
+                                                                              infill_temperature)
     max_len = diffusion.model.cfg.max_len
     pick = torch.randperm(len(valid_lines), generator=torch.Generator().manual_seed(seed))[:num_lines]
     lines = [valid_lines[i] for i in sorted(pick.tolist())]
@@ -265,16 +266,16 @@ def evaluate(diffusion, tok, valid_lines, judge=None, train_lines=None, length_h
     train_set = None
     if train_lines:
         train_set = {" ".join(tok.decode(ids).split()) for ids in Corpus(train_lines, tok, max_len).ids}
-    r = {"settings": {"num_lines": len(lines), "num_samples": num_samples, "steps": steps, "infill_steps": infill_steps,
-                      "sampler": sampler,
-                      "spacing": spacing, "infill_spacing": infill_spacing, "guidance": guidance, "temperature": temperature,
+    r = {"settings": {"num_lines": len(lines), "num_samples": num_samples, "steps": steps,
+                      "infill_steps": infill_steps, "sampler": sampler, "spacing": spacing,
+                      "infill_spacing": infill_spacing, "guidance": guidance, "temperature": temperature,
                       "infill_temperature": infill_temperature, "snap": snap, "seed": seed, "judge": judge is not None,
                       "train": train_set is not None}}
     r["denoising"] = denoising(diffusion, corpus, TIMES, seed, batch_size)
     r["infilling"] = {kind: infilling(diffusion, corpus, kind, infill_steps, sampler, seed, batch_size, infill_spacing,
                                       guidance, infill_temperature, snap) for kind in HIDE}
-    r["open_gaps"] = open_infilling(diffusion, corpus, infill_steps, sampler, seed, batch_size, infill_spacing, infill_temperature,
-                                    snap)
+    r["open_gaps"] = open_infilling(diffusion, corpus, infill_steps, sampler, seed, batch_size, infill_spacing,
+                                    infill_temperature, snap)
     texts, tokens, seconds = unconditional(diffusion, tok, num_samples, steps, sampler, seed, length_hist, batch_size,
                                            spacing, temperature, snap)
     r["samples"] = text_stats(texts, tokens, judge, tok, train_set)

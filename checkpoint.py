@@ -144,7 +144,7 @@ def build(ckpt: dict, device="cpu", ema=True):
         raise UserError(f"checkpoint's model config: {e}") from None
     load_state(model, ckpt["ema"] if ema and "ema" in ckpt else ckpt["model"])
     model.to(device).eval()
-    warp = None  # the loss curve training fitted, for the warped spacing; older checkpoints lack it
+    warp = None  # the loss curve training fitted, for the warped and restart spacings; older checkpoints lack it
     if "time_warp" in ckpt:
         warp = TimeWarp(bins=len(ckpt["time_warp"]), floor=ckpt.get("train_config", {}).get("warp_floor", 0.2))
         warp.loss = ckpt["time_warp"].float().cpu()

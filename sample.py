@@ -164,7 +164,7 @@ def main():
     p.add_argument("--steps", type=int, help="denoising steps (default: the checkpoint's, 20 for templates and 50 otherwise in new ones)")
     p.add_argument("--sampler", default="", help=f"update rule, one of {', '.join(SAMPLERS)}; default: the checkpoint's")
     p.add_argument("--spacing", default="", help=f"where the steps fall in t, one of {', '.join(SPACINGS)} "
-                   "(default: the checkpoint's, quadratic for templates and warped otherwise in new ones)")
+                   "(default: the checkpoint's, quadratic for templates and restart otherwise in new ones)")
     p.add_argument("--temperature", type=float, help="softmax temperature of the interpolation; below 1 commits sooner "
                    "(default: the checkpoint's, 0.5 for templates and 0.8 otherwise in new ones)")
     p.add_argument("--snap", type=float, help="below this t, step with the likeliest token's embedding (default: the checkpoint's)")

@@ -180,7 +180,7 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.99))
     batches = Batches(corpus, cfg.batch_size, seed=cfg.seed, mixture=mask_mixture(cfg.uncond_rate), open_rate=cfg.open_rate)
-    # where the loss changes with t: warped draws follow it, and so do the warped sampling steps,
+    # where the loss changes with t: warped draws follow it, and so do the warped and restart steps,
     # whatever the draws, so every run keeps it
     warp = diffusion.warp = TimeWarp(floor=cfg.warp_floor)
     step, elapsed_before = 0, 0.0

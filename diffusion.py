@@ -41,7 +41,8 @@ class DiffusionConfig:
     skip: bool = False            # x̂0 = √γ x_t + √(1-γ) net(...): see Diffusion.denoise
     # Sampling defaults, measured with evaluate.py (README, "Few steps"): 20 ancestral steps,
     # short ones at high noise, a slightly sharpened interpolation, beat 200 plain DDIM steps (the
-    # fills' default); samples gain from more, fills do not (EXPERIMENTS.md, "What sample fluency costs").
+    # fills' default); samples gain from more, fills do not (EXPERIMENTS.md, "What sample fluency
+    # costs"), and from restarts (EXPERIMENTS.md, "Restarts").
     sampler: str = "ddpm"         # update rule: a name in SAMPLERS
     steps: int = 50               # number of sampling steps, for samples
     infill_steps: int = 20        # the same for filling a template's gaps
@@ -154,9 +155,13 @@ def restart_spacing(steps, warp=None):
     tokens are being decided: t = 0.87 on E2E) and denoised again, a step to the warp's lower
     quartile and one to the next restart, or to 0 after the last. Tokens decided in parallel that
     do not join get another look, now with the rest of the line nearly decided. The times rise at
-    each restart, where Diffusion.sample draws x_s around the estimate instead of stepping. 50
-    steps: 10, then 20 restarts (EXPERIMENTS.md, "Restarts")."""
+    each restart, where Diffusion.sample draws x_s around the estimate instead of stepping (so the
+    DDIM sampler too draws noise there). 50 steps: 10, then 20 restarts (EXPERIMENTS.md,
+    "Restarts"); below 5 steps the times never rise. The last network evaluation is at the lower
+    quartile: more steps below it changed nothing measurable, the tokens are decided by then."""
     restarts = steps * 2 // 5
+    if restarts and steps - 2 * restarts == 2:  # a first pass of 2 would end at the median, as restarts begin
+        restarts -= 1
     first = warped_spacing(steps - 2 * restarts, warp)  # (steps - 2 restarts + 1,), ends at 0
     u = torch.tensor([0.5, 0.25])  # shares of the warp's draws; without a warp, the quadratic's times
     again = (warp.inverse(u) if warp is not None else 1 - (1 - u) ** 2).repeat(restarts)  # (2 restarts,)
@@ -283,7 +288,7 @@ class Diffusion:
 
     def __init__(self, model, cfg: DiffusionConfig, warp: TimeWarp | None = None):
         self.model, self.cfg = model, cfg
-        self.warp = warp  # training's TimeWarp, if any: where the warped spacing puts the sampling steps
+        self.warp = warp  # training's TimeWarp, if any: where the warped and restart spacings put the steps
         self.net = model  # what the training forward calls: the model, or its DistributedDataParallel wrapper
         schedule = get_schedule(cfg.schedule)
         # Scaling the noise by s divides the signal-to-noise ratio γ/(1-γ) by s²; the endpoints stay.

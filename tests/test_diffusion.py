@@ -158,6 +158,15 @@ def test_restart_spacing_goes_back_to_the_warps_median():
     assert torch.equal(SPACINGS["restart"](2, warp), SPACINGS["warped"](2, warp))  # too few steps to restart
 
 
+@pytest.mark.parametrize("steps", range(1, 13))
+def test_restart_spacing_never_repeats_a_time(steps):
+    """Any number of steps: as many times as steps, and one plus, from noise to clean, each step
+    going somewhere (a first pass of two would end at the median, where the restart begins)."""
+    for warp in (rising_warp(), None):
+        ts = SPACINGS["restart"](steps, warp)
+        assert ts.shape == (steps + 1,) and ts[0] == 1 and ts[-1] == 0 and (ts[1:] != ts[:-1]).all()
+
+
 def test_a_restart_draws_x_s_afresh_around_the_estimate():
     """Where the times rise, the sampler does not step: x_s ~ q(x_s | x̂0), centred on the last
     estimate with the noise of s, whatever x_t was (a DDPM step there leaves noise of std 1.3)."""

@@ -50,7 +50,7 @@ def test_resume_is_exact(corpus_file, tok_file, tmp_path, kw):
         assert torch.equal(a["model"][k], b["model"][k]), k
         assert torch.equal(a["ema"][k], b["ema"][k]), k  # the moving average is resumed too
     assert any(not torch.equal(a["ema"][k], a["model"][k]) for k in a["model"])  # an average, not a copy
-    # every run keeps the time warp (uniform draws too: it places the warped sampling steps)
+    # every run keeps the time warp (uniform draws too: it places the warped and restart sampling steps)
     assert torch.equal(a["time_warp"], b["time_warp"]) and not torch.equal(a["time_warp"], TimeWarp().loss)
 
 

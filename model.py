@@ -60,8 +60,8 @@ def small():
 def cpu():
     """~1 M parameters: `small` made narrower and shallower, so that minutes of a CPU take it
     through more steps (2.6x those of `small` on E2E). For ten minutes there, at two seeds, it
-    infilled better than width 192 and 10 points above `small`'s plain recipe, and sampled as well
-    as width 192 or better (EXPERIMENTS.md, "Smaller still")."""
+    infilled better than width 192 and 7-11 points above `small`'s plain recipe (two sets of
+    held-out lines), and sampled as well as width 192 or better (EXPERIMENTS.md, "Smaller still")."""
     return ModelConfig(embed_dim=64, width=128, depth=3, heads=4, time_dim=64)
 
 

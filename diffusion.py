@@ -116,8 +116,8 @@ def get_sampler(name):
 
 
 # --- step spacings: a number of steps -> the times t_0 = 1 > t_1 > ... > t_steps = 0 -------------
-# (except where restart_spacing's rise, at each restart). Each takes the TimeWarp that training fitted (None if
-# there is none); only the warped and restart ones read it.
+# (restart_spacing's times also rise, once a restart). Each takes the TimeWarp that training fitted
+# (None if there is none); only the warped and restart ones read it.
 
 def uniform_spacing(steps, warp=None):
     """Equal steps in t."""

@@ -160,8 +160,8 @@ def test_restart_spacing_goes_back_to_the_warps_median():
 
 @pytest.mark.parametrize("steps", range(1, 13))
 def test_restart_spacing_never_repeats_a_time(steps):
-    """Any number of steps: as many times as steps, and one plus, from noise to clean, each step
-    going somewhere (a first pass of two would end at the median, where the restart begins)."""
+    """Any number of steps: steps + 1 times from noise to clean, and no step from a time to itself
+    (a first pass of two steps would end at the median, where the first restart goes)."""
     for warp in (rising_warp(), None):
         ts = SPACINGS["restart"](steps, warp)
         assert ts.shape == (steps + 1,) and ts[0] == 1 and ts[-1] == 0 and (ts[1:] != ts[:-1]).all()

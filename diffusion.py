@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from model import row_chunks
+from model import tied_cross_entropy
 
 # Weight of the gap-length cross-entropy (averaged over the markers) in the loss. Its gradient on
 # the network is larger than the denoising loss's (measured on a trained model: 2-4 against 1-3):
@@ -176,43 +176,6 @@ def get_spacing(name):
     if name not in SPACINGS:
         raise ValueError(f"unknown spacing {name!r}; choose from {', '.join(SPACINGS)}")
     return SPACINGS[name]
-
-
-class TiedCrossEntropy(torch.autograd.Function):
-    """Cross-entropy of the logits x @ w.T against `target`, and their argmax, without ever holding
-    all the (N, V) logits: they are computed a chunk of rows at a time in forward, and recomputed in
-    backward (one more (N, E) x (E, V) matmul, about 2% of a training step's FLOPs). On a CPU the
-    plain way, which stores the logits, their log-softmax and the gradient of each, cost more time
-    than the whole transformer: fresh 64 MB tensors mean page faults on every pass."""
-
-    @staticmethod
-    def forward(ctx, x, w, target):  # x: (N, E); w: (V, E); target: (N,)
-        ce, pred = torch.empty(len(x), device=x.device), torch.empty_like(target)
-        for rows in row_chunks(len(x), len(w)):
-            logits = x[rows] @ w.t()  # (n, V)
-            ce[rows] = logits.logsumexp(-1) - logits.gather(1, target[rows, None])[:, 0]
-            pred[rows] = logits.argmax(-1)
-        ctx.save_for_backward(x, w, target)
-        ctx.mark_non_differentiable(pred)
-        return ce, pred
-
-    @staticmethod
-    def backward(ctx, grad_ce, grad_pred):
-        x, w, target = ctx.saved_tensors
-        grad_x, grad_w = torch.empty_like(x), torch.zeros_like(w)
-        for rows in row_chunks(len(x), len(w)):
-            g = (x[rows] @ w.t()).softmax(-1)  # (n, V); d ce / d logits = softmax - one-hot
-            g[torch.arange(len(g), device=g.device), target[rows]] -= 1
-            g *= grad_ce[rows, None]
-            grad_x[rows] = g @ w
-            grad_w.addmm_(g.t(), x[rows])
-        return grad_x, grad_w, None
-
-
-def tied_cross_entropy(x, w, target):
-    """(N, E) estimates, (V, E) read-out, (N,) targets -> per-row cross-entropy and argmax, in float32."""
-    with torch.autocast("cuda" if x.is_cuda else "cpu", enabled=False):
-        return TiedCrossEntropy.apply(x.float(), w.float(), target)
 
 
 TIME_DRAWS = ("uniform", "stratified", "warped")  # how training draws t: see TimeWarp

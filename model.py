@@ -5,6 +5,9 @@ self-conditioning estimate (0 on the first pass)], projected to the model width,
 the position counted from the start and from the end of the text. Then pre-norm
 blocks whose LayerNorms have no parameters of their own: each is followed by a FiLM scale and shift
 computed from the time t (Perez et al. 2018), so every block knows how noisy its input is.
+
+The read-out against the token embeddings (tied logits) lives here too: the chunked cross-entropy
+that the loss uses, and the interpolation that the sampler steps with.
 """
 import math
 from dataclasses import dataclass
@@ -82,6 +85,43 @@ def row_chunks(n: int, vocab_size: int, floats: int = 1 << 20):
     `floats` numbers (4 MB): they stay in cache and need no fresh memory from the system."""
     step = max(1, floats // vocab_size)
     return [slice(i, min(n, i + step)) for i in range(0, n, step)]
+
+
+class TiedCrossEntropy(torch.autograd.Function):
+    """Cross-entropy of the logits x @ w.T against `target`, and their argmax, without ever holding
+    all the (N, V) logits: they are computed a chunk of rows at a time in forward, and recomputed in
+    backward (one more (N, E) x (E, V) matmul, about 2% of a training step's FLOPs). On a CPU the
+    plain way, which stores the logits, their log-softmax and the gradient of each, cost more time
+    than the whole transformer: fresh 64 MB tensors mean page faults on every pass."""
+
+    @staticmethod
+    def forward(ctx, x, w, target):  # x: (N, E); w: (V, E); target: (N,)
+        ce, pred = torch.empty(len(x), device=x.device), torch.empty_like(target)
+        for rows in row_chunks(len(x), len(w)):
+            logits = x[rows] @ w.t()  # (n, V)
+            ce[rows] = logits.logsumexp(-1) - logits.gather(1, target[rows, None])[:, 0]
+            pred[rows] = logits.argmax(-1)
+        ctx.save_for_backward(x, w, target)
+        ctx.mark_non_differentiable(pred)
+        return ce, pred
+
+    @staticmethod
+    def backward(ctx, grad_ce, grad_pred):
+        x, w, target = ctx.saved_tensors
+        grad_x, grad_w = torch.empty_like(x), torch.zeros_like(w)
+        for rows in row_chunks(len(x), len(w)):
+            g = (x[rows] @ w.t()).softmax(-1)  # (n, V); d ce / d logits = softmax - one-hot
+            g[torch.arange(len(g), device=g.device), target[rows]] -= 1
+            g *= grad_ce[rows, None]
+            grad_x[rows] = g @ w
+            grad_w.addmm_(g.t(), x[rows])
+        return grad_x, grad_w, None
+
+
+def tied_cross_entropy(x, w, target):
+    """(N, E) estimates, (V, E) read-out, (N,) targets -> per-row cross-entropy and argmax, in float32."""
+    with torch.autocast("cuda" if x.is_cuda else "cpu", enabled=False):
+        return TiedCrossEntropy.apply(x.float(), w.float(), target)
 
 
 class TimeEmbedding(nn.Module):

@@ -1,8 +1,9 @@
 import math
 
 import torch
+import torch.nn.functional as F
 
-from model import PRESETS, Estimator, get_preset, tiny
+from model import PRESETS, Estimator, get_preset, row_chunks, tied_cross_entropy, tiny
 
 
 def make(vocab=50):
@@ -77,3 +78,24 @@ def test_interpolation_temperature_sharpens_towards_the_best_token():
     dist = lambda tau: (m.interpolate(x0_hat, tau)[0] - best_emb).norm(dim=-1).mean()  # noqa: E731
     assert dist(0.5) < dist(1.0) < dist(2.0)
     assert torch.equal(m.interpolate(x0_hat, 0.5)[1], m.interpolate(x0_hat, 2.0)[1])  # argmax unchanged
+
+
+def test_tied_cross_entropy_matches_the_plain_formula():
+    """Chunked and recomputed in backward, it must equal F.cross_entropy over the full logits."""
+    g = torch.Generator().manual_seed(0)
+    N, E, V = 600, 8, 5000
+    assert len(row_chunks(N, V)) > 1  # the test must cross chunk borders
+    x = torch.randn(N, E, generator=g, requires_grad=True)
+    w = torch.randn(V, E, generator=g, requires_grad=True)
+    y = torch.randint(0, V, (N,), generator=g)
+    weights = torch.rand(N, generator=g)  # a non-uniform upstream gradient
+    ce, pred = tied_cross_entropy(x, w, y)
+    (ce * weights).sum().backward()
+    gx, gw = x.grad.clone(), w.grad.clone()
+    x.grad = w.grad = None
+    logits = x @ w.t()
+    ref = F.cross_entropy(logits, y, reduction="none")
+    (ref * weights).sum().backward()
+    assert torch.allclose(ce, ref, atol=1e-4)
+    assert torch.equal(pred, logits.argmax(-1))
+    assert torch.allclose(gx, x.grad, atol=1e-4) and torch.allclose(gw, w.grad, atol=1e-4)

@@ -107,7 +107,8 @@ def load(path: str, map_location="cpu") -> dict:
 # that reproduces what those checkpoints did (infill_steps, infill_temperature and infill_spacing:
 # their steps, temperature and spacing, which they used for templates too). Any other missing key is
 # an error.
-ADDED_LATER = {"backbone": "estimator", "spacing": "uniform", "temperature": 1.0, "snap": 0.0, "skip": False}
+ADDED_LATER = {"backbone": "estimator", "spacing": "uniform", "temperature": 1.0, "snap": 0.0, "skip": False,
+               "infill_candidates": 1}
 
 
 def config_from(cls, d: dict, what: str):

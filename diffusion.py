@@ -51,14 +51,21 @@ class DiffusionConfig:
     temperature: float = 0.8      # softmax temperature of the sampler's interpolation, for samples
     infill_temperature: float = 0.5  # the same for filling a template's gaps: a fill should be likely, samples varied
     snap: float = 0.0             # below this t, step with the likeliest token's embedding (0: never)
+    # Fills drawn for each template, of which the one that agrees most with the others is kept
+    # (Diffusion.sample; EXPERIMENTS.md, "Fills by consensus"). Samples take one: a consensus
+    # would make them plainer.
+    infill_candidates: int = 8
 
-    def settings(self, fill: bool, steps=None, spacing=None, temperature=None):
-        """(steps, spacing, temperature) for one use of the sampler: the given ones, else this
-        config's, its infill_* ones when `fill`ing a template's gaps."""
+    def settings(self, fill: bool, steps=None, spacing=None, temperature=None, candidates=None):
+        """(steps, spacing, temperature, candidates) for one use of the sampler: the given ones,
+        else this config's, its infill_* ones when `fill`ing a template's gaps (one candidate
+        otherwise)."""
         if fill:
             return (steps or self.infill_steps, spacing or self.infill_spacing,
-                    self.infill_temperature if temperature is None else temperature)
-        return steps or self.steps, spacing or self.spacing, self.temperature if temperature is None else temperature
+                    self.infill_temperature if temperature is None else temperature,
+                    candidates or self.infill_candidates)
+        return (steps or self.steps, spacing or self.spacing, self.temperature if temperature is None else temperature,
+                candidates or 1)
 
 
 # --- noise schedules: t in [0, 1] -> γ(t), decreasing from 1 to 0 ---------------------------------
@@ -176,6 +183,16 @@ def get_spacing(name):
     if name not in SPACINGS:
         raise ValueError(f"unknown spacing {name!r}; choose from {', '.join(SPACINGS)}")
     return SPACINGS[name]
+
+
+def consensus(candidates, mask):
+    """(B, K, L) token ids of K candidate texts for each of B rows, `mask` (B, L) the positions
+    that count -> (B,) the index of the candidate that agrees with the others on the most of
+    them (the first such). Among the model's own samples, it is the one of highest expected token
+    accuracy: minimum Bayes risk decoding (Kumar & Byrne 2004), as Diffusion-LM and DiffuSeq choose
+    among their samples (with BLEU for the agreement)."""
+    same = (candidates[:, :, None] == candidates[:, None]) & mask[:, None, None]  # (B, K, K, L)
+    return same.sum((2, 3)).argmax(1)
 
 
 TIME_DRAWS = ("uniform", "stratified", "warped")  # how training draws t: see TimeWarp
@@ -356,7 +373,7 @@ class Diffusion:
 
     @torch.no_grad()
     def sample(self, ids, length_mask, cond_mask, steps=None, sampler=None, gen=None, on_step=None, spacing=None,
-               guidance=1.0, temperature=None, snap=None):
+               guidance=1.0, temperature=None, snap=None, candidates=1):
         """Generate token ids by denoising from pure noise in `steps` steps.
 
         ids:         (B, L) tokens; only those at context positions are read
@@ -371,13 +388,21 @@ class Diffusion:
                      harder. W != 1 costs a second network evaluation a step.
         snap:        below this t, step with the embedding of the likeliest token instead of the
                      interpolation (Diffusion-LM's clamping, Li et al. 2022); default: the config's
-        on_step:     optional callback(step, ids) with the tokens decoded at each step
+        candidates:  draw this many texts for each row, in one batch, and return the one that
+                     agrees with the others on the most generated positions (consensus); costs
+                     `candidates` times the compute
+        on_step:     optional callback(step, ids) with the tokens decoded at each step: B x
+                     candidates rows, each row's candidates one after another
         Returns (B, L) ids: the given tokens at context positions, the model's elsewhere, PAD
         outside the length mask."""
         steps = steps or self.cfg.steps
         step_fn = get_sampler(sampler or self.cfg.sampler)
         if steps < 1:
             raise ValueError("steps must be at least 1")
+        if candidates < 1:
+            raise ValueError(f"candidates must be at least 1, not {candidates}")
+        B, L = ids.shape
+        ids, length_mask, cond_mask = (x.repeat_interleave(candidates, 0) for x in (ids, length_mask, cond_mask))
         guided = guidance != 1.0 and bool(cond_mask.any())
         temperature = self.cfg.temperature if temperature is None else temperature
         snap = self.cfg.snap if snap is None else snap
@@ -421,4 +446,5 @@ class Diffusion:
             tokens = torch.where(length_mask, tokens, 0)
             if on_step is not None:
                 on_step(i, tokens)
-        return tokens
+        tokens = tokens.view(B, candidates, L)  # each row's candidates, one after another
+        return tokens[torch.arange(B), consensus(tokens, (length_mask & ~cond_mask)[::candidates])]

@@ -149,11 +149,11 @@ def denoising(diffusion, corpus, times=TIMES, seed=0, batch_size=64) -> dict:
 
 @torch.no_grad()
 def infilling(diffusion, corpus, kind, steps, sampler, seed=0, batch_size=64, spacing=None, guidance=1.0,
-              temperature=None, snap=None) -> dict:
+              temperature=None, snap=None, candidates=None) -> dict:
     """Hide tokens of each line as `kind` says, fill them with Diffusion.sample, score the fills.
-    steps, spacing and temperature default to the checkpoint's for templates (infill_*)."""
+    steps, spacing, temperature and candidates default to the checkpoint's for templates (infill_*)."""
     device = next(diffusion.model.parameters()).device
-    steps, spacing, temperature = diffusion.cfg.settings(True, steps, spacing, temperature)
+    steps, spacing, temperature, candidates = diffusion.cfg.settings(True, steps, spacing, temperature, candidates)
     mask_gen = torch.Generator().manual_seed(seed)
     hidden = pad_sequence([hide(kind, len(ids), mask_gen) for ids in corpus.ids], batch_first=True)  # (N, L)
     target = pad_sequence([torch.tensor(ids) for ids in corpus.ids], batch_first=True, padding_value=PAD)  # (N, L)
@@ -167,7 +167,7 @@ def infilling(diffusion, corpus, kind, steps, sampler, seed=0, batch_size=64, sp
         gen = torch.Generator(device=device).manual_seed(seed * 1000 + i)
         out = diffusion.sample(ids.to(device), b["length_mask"].to(device), (b["length_mask"] & ~h).to(device),
                                steps=steps, sampler=sampler, gen=gen, spacing=spacing, guidance=guidance,
-                               temperature=temperature, snap=snap)
+                               temperature=temperature, snap=snap, candidates=candidates)
         pred[idx, : out.shape[1]] = out.cpu()
     acc, exact = fill_accuracy(pred, target, hidden)
     return {"acc": acc, "exact": exact, "hidden_share": hidden.sum().item() / (corpus.lengths - 1).sum().item()}
@@ -175,14 +175,15 @@ def infilling(diffusion, corpus, kind, steps, sampler, seed=0, batch_size=64, sp
 
 @torch.no_grad()
 def open_infilling(diffusion, corpus, steps, sampler, seed=0, batch_size=64, spacing=None, temperature=None,
-                   snap=None) -> dict:
+                   snap=None, candidates=None) -> dict:
     """The spans of infilling(kind="span"), hidden in gaps of open length ([gap:..N]), as sample.py
     fills them: each span is one marker whose length the model tells (Diffusion.gap_lengths, up to
     all the room it has, max_len - (n - k) for a span of k of a line's n tokens), then a gap of that
     many tokens is filled. Scores: the fills' lengths beside the spans' true lengths, and aligned
-    token accuracy. steps, spacing and temperature default to the checkpoint's for templates (infill_*)."""
+    token accuracy. steps, spacing, temperature and candidates default to the checkpoint's for
+    templates (infill_*)."""
     device = next(diffusion.model.parameters()).device
-    steps, spacing, temperature = diffusion.cfg.settings(True, steps, spacing, temperature)
+    steps, spacing, temperature, candidates = diffusion.cfg.settings(True, steps, spacing, temperature, candidates)
     max_len = diffusion.model.cfg.max_len
     mask_gen = torch.Generator().manual_seed(seed)
     hidden = [hide("span", len(ids), mask_gen) for ids in corpus.ids]  # the very spans of infilling()
@@ -206,7 +207,8 @@ def open_infilling(diffusion, corpus, steps, sampler, seed=0, batch_size=64, spa
         gap = (pos >= start[:, None]) & (pos < (start + guess)[:, None])
         gen = torch.Generator(device=device).manual_seed(seed * 1000 + i)
         out = diffusion.sample(ids.to(device), length_mask.to(device), (length_mask & ~gap).to(device), steps=steps,
-                               sampler=sampler, gen=gen, spacing=spacing, temperature=temperature, snap=snap).cpu()
+                               sampler=sampler, gen=gen, spacing=spacing, temperature=temperature, snap=snap,
+                               candidates=candidates).cpu()
         for r, j in enumerate(idx):
             fills.append(text_tokens(out[r][gap[r]]))
             truths.append(corpus.ids[j][int(start[r]): int(start[r] + k[r])])
@@ -250,14 +252,14 @@ def evaluate(diffusion, tok, valid_lines, judge=None, train_lines=None, length_h
              num_samples=200, steps=DiffusionConfig.steps, sampler=DiffusionConfig.sampler, seed=0, batch_size=64,
              spacing=None, guidance=1.0, temperature=DiffusionConfig.temperature,
              snap=DiffusionConfig.snap, infill_temperature=DiffusionConfig.infill_temperature,
-             infill_spacing=None, infill_steps=DiffusionConfig.infill_steps) -> dict:
+             infill_spacing=None, infill_steps=DiffusionConfig.infill_steps, infill_candidates=None) -> dict:
     """All sections as a dict of plain values (the JSON). Infilling and open gaps are sampled in
-    `infill_steps` steps at `infill_temperature` with `infill_spacing`, unconditional samples in
-    `steps` at `temperature` with `spacing`, as sample.py does by default; the spacings default to
-    the checkpoint's."""
-    steps, spacing, temperature = diffusion.cfg.settings(False, steps, spacing, temperature)
-    infill_steps, infill_spacing, infill_temperature = diffusion.cfg.settings(True, infill_steps, infill_spacing,
-                                                                              infill_temperature)
+    `infill_steps` steps at `infill_temperature` with `infill_spacing`, keeping the consensus of
+    `infill_candidates` fills, unconditional samples in `steps` at `temperature` with `spacing`, as
+    sample.py does by default; the spacings and candidates default to the checkpoint's."""
+    steps, spacing, temperature, _ = diffusion.cfg.settings(False, steps, spacing, temperature)
+    infill_steps, infill_spacing, infill_temperature, infill_candidates = diffusion.cfg.settings(
+        True, infill_steps, infill_spacing, infill_temperature, infill_candidates)
     max_len = diffusion.model.cfg.max_len
     pick = torch.randperm(len(valid_lines), generator=torch.Generator().manual_seed(seed))[:num_lines]
     lines = [valid_lines[i] for i in sorted(pick.tolist())]
@@ -267,15 +269,15 @@ def evaluate(diffusion, tok, valid_lines, judge=None, train_lines=None, length_h
     if train_lines:
         train_set = {" ".join(tok.decode(ids).split()) for ids in Corpus(train_lines, tok, max_len).ids}
     r = {"settings": {"num_lines": len(lines), "num_samples": num_samples, "steps": steps,
-                      "infill_steps": infill_steps, "sampler": sampler, "spacing": spacing,
+                      "infill_steps": infill_steps, "infill_candidates": infill_candidates, "sampler": sampler, "spacing": spacing,
                       "infill_spacing": infill_spacing, "guidance": guidance, "temperature": temperature,
                       "infill_temperature": infill_temperature, "snap": snap, "seed": seed, "judge": judge is not None,
                       "train": train_set is not None}}
     r["denoising"] = denoising(diffusion, corpus, TIMES, seed, batch_size)
     r["infilling"] = {kind: infilling(diffusion, corpus, kind, infill_steps, sampler, seed, batch_size, infill_spacing,
-                                      guidance, infill_temperature, snap) for kind in HIDE}
+                                      guidance, infill_temperature, snap, infill_candidates) for kind in HIDE}
     r["open_gaps"] = open_infilling(diffusion, corpus, infill_steps, sampler, seed, batch_size, infill_spacing,
-                                    infill_temperature, snap)
+                                    infill_temperature, snap, infill_candidates)
     texts, tokens, seconds = unconditional(diffusion, tok, num_samples, steps, sampler, seed, length_hist, batch_size,
                                            spacing, temperature, snap)
     r["samples"] = text_stats(texts, tokens, judge, tok, train_set)
@@ -293,7 +295,8 @@ def table(r) -> str:
            "  t" + " " * 30 + "".join(f"{t:>8}" for t in r["denoising"])]
     out += [f"  {k:<31}" + "".join(f"{v[k]:>8.3f}" for v in r["denoising"].values()) for k in ("mse", "ce", "acc")]
     out += [f"infilling: {s.get('infill_steps', s['steps'])} {s['sampler']} steps, {s.get('infill_spacing', s['spacing'])} spacing, "
-            f"temperature {s.get('infill_temperature', s['temperature']):g}, guidance {s['guidance']:g}",
+            f"temperature {s.get('infill_temperature', s['temperature']):g}, guidance {s['guidance']:g}, "
+            f"the consensus of {s.get('infill_candidates', 1)} candidates",
             row("", "token acc", "exact lines")]
     for kind, label in (("span", "one span, 25-50% hidden"), ("scattered", "scattered, 15% hidden")):
         out.append(row(label, *(f"{r['infilling'][kind][k]:.3f}" for k in ("acc", "exact"))))
@@ -365,6 +368,8 @@ def main(argv=None):
     p.add_argument("--spacing", default="", help=f"where the steps fall in t for samples, one of {', '.join(SPACINGS)}; "
                    "default: the checkpoint's (the other settings default to this code's)")
     p.add_argument("--infill-spacing", default="", help="the same, for infilling and gaps of open length")
+    p.add_argument("--infill-candidates", type=int, help="fills drawn for each line, of which the consensus is kept "
+                   "(default: the checkpoint's)")
     p.add_argument("--temperature", type=float, default=DiffusionConfig.temperature,
                    help="softmax temperature of the sampler's interpolation, for unconditional samples")
     p.add_argument("--infill-temperature", type=float, default=DiffusionConfig.infill_temperature,
@@ -390,9 +395,10 @@ def main(argv=None):
         return
     if not a.ckpt or not a.valid:
         p.error("give --ckpt and --valid (or --compare BEFORE AFTER)")
-    if min(a.num_lines, a.num_samples, a.steps, a.infill_steps, a.batch_size) < 1 or a.threads < 0 \
-            or not min(a.temperature, a.infill_temperature) > 0:
-        p.error("--num-lines, --num-samples, --steps, --infill-steps and --batch-size must be at least 1; --threads not negative; "
+    if min(a.num_lines, a.num_samples, a.steps, a.infill_steps, a.batch_size, a.infill_candidates or 1) < 1 \
+            or a.threads < 0 or not min(a.temperature, a.infill_temperature) > 0:
+        p.error("--num-lines, --num-samples, --steps, --infill-steps, --infill-candidates and --batch-size must be at least 1; "
+                "--threads not negative; "
                 "--temperature and --infill-temperature positive")
     torch.set_num_threads(a.threads or os.cpu_count() or 1)
     try:
@@ -413,7 +419,7 @@ def main(argv=None):
             raise UserError(f"--json {a.json}: no such folder")
         r = evaluate(diffusion, tok, valid_lines, judge, train_lines, ckpt.get("length_hist"), a.num_lines,
                      a.num_samples, a.steps, a.sampler, a.seed, a.batch_size, a.spacing, a.guidance, a.temperature,
-                     a.snap, a.infill_temperature, a.infill_spacing, a.infill_steps)
+                     a.snap, a.infill_temperature, a.infill_spacing, a.infill_steps, a.infill_candidates)
     except UserError as e:
         sys.exit(f"error: {e}")
     r["settings"].update(checkpoint_step=ckpt.get("step"), train_file=train_path if train_lines else None)

@@ -94,7 +94,7 @@ def draw_lengths(n, hist, gen, min_len=1):
 
 def generate(diffusion, tok, templates=None, prefix=None, num_samples=1, steps=None, sampler=None, seed=0,
              length=None, lengths_from=None, gap_length=6, batch_size=64, on_step=None, spacing=None,
-             guidance=1.0, temperature=None, snap=None) -> list[str]:
+             guidance=1.0, temperature=None, snap=None, candidates=None) -> list[str]:
     """Sample texts; the Python face of this script.
 
     templates: list of template strings -> num_samples fills of each, template after template
@@ -102,9 +102,9 @@ def generate(diffusion, tok, templates=None, prefix=None, num_samples=1, steps=N
     neither:   num_samples unconditional texts
     Lengths (in tokens, EOS included) are `length` if given, else drawn from `lengths_from`, the
     training corpus's length histogram that every checkpoint carries. steps, sampler, spacing,
-    guidance, temperature and snap are those of Diffusion.sample; the default steps, spacing and
-    temperature are the checkpoint's infill_* ones for templates, its steps, spacing and
-    temperature for a prefix or no context. A gap of open length ([gap:..N]) gets the
+    guidance, temperature, snap and candidates are those of Diffusion.sample; the default steps,
+    spacing, temperature and candidates are the checkpoint's infill_* ones for templates, its
+    steps, spacing and temperature and one candidate for a prefix or no context. A gap of open length ([gap:..N]) gets the
     length the model tells (Diffusion.gap_lengths), the same for every sample, then is filled."""
     model = diffusion.model
     max_len = model.cfg.max_len
@@ -112,7 +112,8 @@ def generate(diffusion, tok, templates=None, prefix=None, num_samples=1, steps=N
     gen = torch.Generator().manual_seed(seed)
     if length is not None and not 1 <= length <= max_len:
         raise UserError(f"--length {length}: must be between 1 and {max_len}, the model's maximum")
-    steps, spacing, temperature = diffusion.cfg.settings(bool(templates), steps, spacing, temperature)
+    steps, spacing, temperature, candidates = diffusion.cfg.settings(bool(templates), steps, spacing, temperature,
+                                                                     candidates)
     if templates:
         templates = [t for t in templates for _ in range(num_samples)]
     else:
@@ -138,7 +139,8 @@ def generate(diffusion, tok, templates=None, prefix=None, num_samples=1, steps=N
         ids, cond, length_mask, _ = pack(chunk, device)
         noise_gen = torch.Generator(device=device).manual_seed(seed + i)
         out = diffusion.sample(ids, length_mask, cond, steps=steps, sampler=sampler, gen=noise_gen, on_step=on_step,
-                               spacing=spacing, guidance=guidance, temperature=temperature, snap=snap)
+                               spacing=spacing, guidance=guidance, temperature=temperature, snap=snap,
+                               candidates=candidates)
         texts += [fill_template(t, tok, row, gaps) for t, row, (_, _, gaps, _)
                   in zip(templates[i: i + batch_size], out.tolist(), chunk)]
     return texts
@@ -167,17 +169,19 @@ def main():
                    "(default: the checkpoint's, quadratic for templates and restart otherwise in new ones)")
     p.add_argument("--temperature", type=float, help="softmax temperature of the interpolation; below 1 commits sooner "
                    "(default: the checkpoint's, 0.5 for templates and 0.8 otherwise in new ones)")
+    p.add_argument("--candidates", type=int, help="texts drawn for each result, of which the one that agrees most "
+                   "with the others is kept (default: the checkpoint's, 8 for templates in new ones; 1 otherwise)")
     p.add_argument("--snap", type=float, help="below this t, step with the likeliest token's embedding (default: the checkpoint's)")
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance weight: 1 plain, 0 ignores the template's words, >1 follows them harder")
     p.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same output")
     p.add_argument("--length", type=int, help="tokens per text, EOS included (default: drawn from the training lengths)")
     p.add_argument("--gap-length", type=int, default=6, help="tokens in a [gap] without a number")
-    p.add_argument("--show-steps", action="store_true", help="print the text decoded at intermediate steps")
+    p.add_argument("--show-steps", action="store_true", help="print the text decoded at intermediate steps (of every candidate)")
     p.add_argument("--no-ema", action="store_true", help="use the trained weights, not their moving average")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: one per core)")
     a = p.parse_args()
-    for name in ("num_samples", "steps", "gap_length", "length"):
+    for name in ("num_samples", "steps", "gap_length", "length", "candidates"):
         value = getattr(a, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -210,7 +214,8 @@ def main():
         texts = generate(diffusion, tok, templates=templates, prefix=a.prefix, num_samples=a.num_samples,
                          steps=steps, sampler=a.sampler or None, seed=a.seed, length=a.length,
                          lengths_from=ckpt.get("length_hist"), gap_length=a.gap_length, on_step=on_step,
-                         spacing=a.spacing or None, guidance=a.guidance, temperature=a.temperature, snap=a.snap)
+                         spacing=a.spacing or None, guidance=a.guidance, temperature=a.temperature, snap=a.snap,
+                         candidates=a.candidates)
     except UserError as e:
         sys.exit(f"error: {e}")
     except ValueError as e:  # an unknown sampler or spacing name

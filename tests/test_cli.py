@@ -94,6 +94,7 @@ def test_bad_checkpoints_and_templates(run_dir, tmp_path):
     one_line_error(run("sample.py", "--ckpt", ckpt, "--length", "0", check=False), "--length")
     one_line_error(run("sample.py", "--ckpt", ckpt, "--length", "500", check=False), "--length")
     one_line_error(run("sample.py", "--ckpt", ckpt, "--steps", "0", check=False), "--steps")
+    one_line_error(run("sample.py", "--ckpt", ckpt, "--candidates", "0", check=False), "--candidates")
     one_line_error(run("sample.py", "--ckpt", ckpt, "--sampler", "euler", check=False), "unknown sampler")
 
 

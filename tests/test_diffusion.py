@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from diffusion import GAP_WEIGHT, SAMPLERS, SCHEDULES, SPACINGS, Diffusion, DiffusionConfig, TimeWarp, get_sampler
+from diffusion import (GAP_WEIGHT, SAMPLERS, SCHEDULES, SPACINGS, Diffusion, DiffusionConfig, TimeWarp, consensus,
+                       get_sampler)
 from model import Estimator, tiny
 
 V = 40
@@ -207,6 +208,36 @@ def test_guidance_weights():
     assert torch.equal(run(ids, 0.0)[free], run(other, 0.0)[free])  # the context's words do not matter
     assert not torch.equal(run(ids, 1.0)[free], run(other, 1.0)[free])  # ... but they do at W = 1
     assert not torch.equal(run(ids, 2.0)[free], run(ids, 1.0)[free])
+
+
+def test_consensus_counts_agreement_on_the_masked_positions_only():
+    # positions 0-1 count: candidate 1 shares a token with each of the others, they one with it alone;
+    # on positions 2-3, which do not count, candidates 0 and 2 agree with each other everywhere
+    c = torch.tensor([[[1, 2, 7, 7], [1, 3, 8, 9], [4, 3, 7, 7]]])  # (1, 3, 4)
+    c = torch.cat([c, c.flip(1)])  # a second row, its candidates in reverse order
+    mask = torch.tensor([[True, True, False, False]] * 2)
+    assert consensus(c, mask).tolist() == [1, 1]
+    assert consensus(c, torch.ones_like(mask)).tolist() == [0, 0]  # all positions: the first of the tied pair
+
+
+def test_candidates_keep_the_consensus_of_their_own_draws():
+    """candidates=K samples K texts for each row, exactly as K copies of the row in one batch would,
+    and returns, for each row, the one that consensus() picks among them; the context stays."""
+    d = make()
+    for p in d.model.parameters():  # a random network whose output depends clearly on its inputs
+        torch.nn.init.normal_(p, std=0.3)
+    ids, length_mask, cond_mask = batch()
+    K, (B, L) = 5, ids.shape
+    out = d.sample(ids, length_mask, cond_mask, steps=4, gen=torch.Generator().manual_seed(0), candidates=K)
+    many = lambda x: x.repeat_interleave(K, 0)  # noqa: E731
+    each = d.sample(many(ids), many(length_mask), many(cond_mask), steps=4, gen=torch.Generator().manual_seed(0))
+    each = each.view(B, K, L)
+    pick = consensus(each, length_mask & ~cond_mask)
+    assert pick.ne(0).any()  # not merely the first draw of each row
+    assert torch.equal(out, each[torch.arange(B), pick])
+    assert torch.equal(out[cond_mask], ids[cond_mask]) and (out[~length_mask] == 0).all()
+    with pytest.raises(ValueError, match="candidates"):
+        d.sample(ids, length_mask, cond_mask, steps=2, candidates=0)
 
 
 def test_ddim_is_deterministic_for_a_seed():

@@ -173,21 +173,25 @@ def test_denoising_leaves_the_config_alone(run_dir, tok):
 
 def test_fills_and_samples_get_their_own_settings(run_dir, tok):
     """Infilling and open gaps sample with their own steps and temperature and the checkpoint's
-    infill_spacing (its infill_* settings when infilling() is called alone), unconditional samples
-    with theirs and its spacing."""
+    infill_spacing and infill_candidates (its infill_* settings when infilling() is called alone),
+    unconditional samples with theirs, its spacing and one candidate."""
     _, _, diffusion = checkpoint.build(checkpoint.load(str(run_dir / "out" / "ckpt.pt")))
     assert diffusion.warp is not None  # every training run keeps its time warp
-    diffusion.cfg.spacing, diffusion.cfg.infill_spacing = "warped", "sqrt"
+    diffusion.cfg.spacing, diffusion.cfg.infill_spacing, diffusion.cfg.infill_candidates = "warped", "sqrt", 3
     used, sample = [], diffusion.sample
-    diffusion.sample = lambda *a, **kw: used.append((kw["steps"], kw["spacing"], kw["temperature"])) or sample(*a, **kw)
-    evaluate.evaluate(diffusion, tok, SENTENCES[:4], num_lines=4, num_samples=2, steps=3, temperature=0.7,
-                      infill_temperature=0.4, infill_steps=2)
+    diffusion.sample = lambda *a, **kw: used.append((kw["steps"], kw["spacing"], kw["temperature"],
+                                                     kw.get("candidates", 1))) or sample(*a, **kw)
+    r = evaluate.evaluate(diffusion, tok, SENTENCES[:4], num_lines=4, num_samples=2, steps=3, temperature=0.7,
+                          infill_temperature=0.4, infill_steps=2)
     # one batch each, in order: span and scattered infilling, open gaps, samples
-    assert used == [(2, "sqrt", 0.4)] * 3 + [(3, "warped", 0.7)]
+    assert used == [(2, "sqrt", 0.4, 3)] * 3 + [(3, "warped", 0.7, 1)]
+    assert r["settings"]["infill_candidates"] == 3
     used.clear()
     diffusion.cfg.infill_steps = 4
-    evaluate.infilling(diffusion, Corpus(SENTENCES[:4], tok, diffusion.model.cfg.max_len), "span", None, "ddpm")
-    assert used == [(4, "sqrt", diffusion.cfg.infill_temperature)]
+    corpus = Corpus(SENTENCES[:4], tok, diffusion.model.cfg.max_len)
+    evaluate.infilling(diffusion, corpus, "span", None, "ddpm")
+    evaluate.infilling(diffusion, corpus, "span", None, "ddpm", candidates=2)
+    assert used == [(4, "sqrt", diffusion.cfg.infill_temperature, 3), (4, "sqrt", diffusion.cfg.infill_temperature, 2)]
 
 
 def test_evaluate_end_to_end_twice(run_dir, corpus_file, capsys):

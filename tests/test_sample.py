@@ -73,7 +73,7 @@ def test_gaps_of_open_length(tok):
 def test_gaps_of_open_length_get_the_length_the_model_tells(tok):
     cfg = tiny()
     cfg.vocab_size = tok.vocab_size
-    diffusion = Diffusion(Estimator(cfg), DiffusionConfig(steps=2, infill_steps=2))
+    diffusion = Diffusion(Estimator(cfg), DiffusionConfig(steps=2, infill_steps=2, infill_candidates=1))
     with torch.no_grad():  # the model says 3 tokens, whatever the context
         diffusion.model.gap_head.weight.zero_()
         diffusion.model.gap_head.bias.copy_(torch.where(torch.arange(cfg.max_len) == 3, 10.0, 0.0))
@@ -94,16 +94,19 @@ def test_gaps_of_open_length_get_the_length_the_model_tells(tok):
 
 def test_templates_are_filled_with_the_infill_settings(tok):
     """A fill should be the likeliest text, a sample a varied one: templates default to the
-    checkpoint's infill_steps, infill_temperature and infill_spacing, a prefix or no context to its
-    steps, temperature and spacing; a given one wins."""
+    checkpoint's infill_steps, infill_temperature, infill_spacing and infill_candidates, a prefix or
+    no context to its steps, temperature and spacing and one candidate; a given one wins."""
     cfg = tiny()
     cfg.vocab_size = tok.vocab_size
     diffusion = Diffusion(Estimator(cfg), DiffusionConfig(temperature=0.8, infill_temperature=0.3, steps=3,
-                                                          infill_steps=2, spacing="sqrt", infill_spacing="quadratic"))
+                                                          infill_steps=2, spacing="sqrt", infill_spacing="quadratic",
+                                                          infill_candidates=3))
     used, sample = [], diffusion.sample
-    diffusion.sample = lambda *a, **kw: used.append((kw["steps"], kw["temperature"], kw["spacing"])) or sample(*a, **kw)
+    diffusion.sample = lambda *a, **kw: used.append((kw["steps"], kw["temperature"], kw["spacing"],
+                                                     kw["candidates"])) or sample(*a, **kw)
     generate(diffusion, tok, templates=["the red fox [gap:2] dog"], num_samples=2)
     generate(diffusion, tok, prefix="the red", num_samples=2)
     generate(diffusion, tok, num_samples=2)
-    generate(diffusion, tok, templates=["the red fox [gap:2] dog"], steps=4, temperature=0.6, spacing="uniform")
-    assert used == [(2, 0.3, "quadratic"), (3, 0.8, "sqrt"), (3, 0.8, "sqrt"), (4, 0.6, "uniform")]
+    generate(diffusion, tok, templates=["the red fox [gap:2] dog"], steps=4, temperature=0.6, spacing="uniform",
+             candidates=2)
+    assert used == [(2, 0.3, "quadratic", 3), (3, 0.8, "sqrt", 1), (3, 0.8, "sqrt", 1), (4, 0.6, "uniform", 2)]

@@ -86,7 +86,7 @@ def main():
         if a.corpus is None:
             print("\n== templates ==")
             for t in STDLIB_TEMPLATES:
-                for text in generate(diffusion, tok, templates=[t], num_samples=2, steps=a.steps, seed=2):
+                for text in generate(diffusion, tok, templates=[t], steps=a.steps, seed=2):  # the consensus of 8
                     print(f"  {t}\n  -> {text}")
         print(f"\nmore: python sample.py --ckpt {a.out}/ckpt.pt --template \"... [gap] ...\" --show-steps")
     except UserError as e:

@@ -447,4 +447,4 @@ class Diffusion:
             if on_step is not None:
                 on_step(i, tokens)
         tokens = tokens.view(B, candidates, L)  # each row's candidates, one after another
-        return tokens[torch.arange(B), consensus(tokens, (length_mask & ~cond_mask)[::candidates])]
+        return tokens[torch.arange(B, device=ids.device), consensus(tokens, (length_mask & ~cond_mask)[::candidates])]

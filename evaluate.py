@@ -228,7 +228,7 @@ def unconditional(diffusion, tok, num_samples, steps, sampler, seed, length_hist
     """K samples from sample.generate: (texts, their tokens as the model wrote them, seconds)."""
     final, steps = [], diffusion.cfg.settings(False, steps)[0]  # keep_last needs the number generate will use
 
-    def keep_last(i, ids):  # generate calls this per batch and step; the last step is the output
+    def keep_last(i, ids):  # generate calls this per batch and step; the last step is the output (one candidate)
         if i == steps - 1:
             final.extend(text_tokens(row) for row in ids.tolist())
 
@@ -296,7 +296,7 @@ def table(r) -> str:
     out += [f"  {k:<31}" + "".join(f"{v[k]:>8.3f}" for v in r["denoising"].values()) for k in ("mse", "ce", "acc")]
     out += [f"infilling: {s.get('infill_steps', s['steps'])} {s['sampler']} steps, {s.get('infill_spacing', s['spacing'])} spacing, "
             f"temperature {s.get('infill_temperature', s['temperature']):g}, guidance {s['guidance']:g}, "
-            f"the consensus of {s.get('infill_candidates', 1)} candidates",
+            + (f"the consensus of {k} draws" if (k := s.get("infill_candidates", 1)) > 1 else "one draw"),
             row("", "token acc", "exact lines")]
     for kind, label in (("span", "one span, 25-50% hidden"), ("scattered", "scattered, 15% hidden")):
         out.append(row(label, *(f"{r['infilling'][kind][k]:.3f}" for k in ("acc", "exact"))))
@@ -395,8 +395,8 @@ def main(argv=None):
         return
     if not a.ckpt or not a.valid:
         p.error("give --ckpt and --valid (or --compare BEFORE AFTER)")
-    if min(a.num_lines, a.num_samples, a.steps, a.infill_steps, a.batch_size, a.infill_candidates or 1) < 1 \
-            or a.threads < 0 or not min(a.temperature, a.infill_temperature) > 0:
+    if min(a.num_lines, a.num_samples, a.steps, a.infill_steps, a.batch_size) < 1 or a.threads < 0 \
+            or (a.infill_candidates is not None and a.infill_candidates < 1) or not min(a.temperature, a.infill_temperature) > 0:
         p.error("--num-lines, --num-samples, --steps, --infill-steps, --infill-candidates and --batch-size must be at least 1; "
                 "--threads not negative; "
                 "--temperature and --infill-temperature positive")

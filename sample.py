@@ -9,8 +9,11 @@ tokens, `[gap:..N]` one of up to N tokens: the model first reads the rest of the
 how many (checkpoints trained with --open-rate above 0, the default, have learnt to), then fills
 that many.
 The text around the gaps is kept word for word (runs of spaces become one); the text ends where the
-template ends. A gap's fill is whole words: it never glues onto the word before it. A prefix is
-continued as the template "PREFIX [gap:N]", N drawn from the training lengths. One result a line.
+template ends. A gap's fill is whole words: it never glues onto the word before it. Each result is
+the consensus of --candidates draws (8 for templates in checkpoints trained now): the draw that
+agrees with the others on the most tokens, so results for one template often agree; --candidates 1
+gives varied ones. A prefix is continued as the template "PREFIX [gap:N]", N drawn from the training
+lengths. One result a line.
 """
 import argparse
 import os
@@ -133,16 +136,16 @@ def generate(diffusion, tok, templates=None, prefix=None, num_samples=1, steps=N
             k = diffusion.gap_lengths(ids, length_mask, cond, up_to, gen=torch.Generator(device=device).manual_seed(seed + i))
             lengths.update({t: n[u > 0].tolist() for t, n, u in zip(unique[i: i + batch_size], k.cpu(), up_to.cpu())})
     rows = [parse_template(t, tok, max_len, gap_length, iter(lengths.get(t, []))) for t in templates]
-    texts = []
-    for i in range(0, len(rows), batch_size):
-        chunk = rows[i: i + batch_size]
+    texts, step = [], max(1, batch_size // candidates)  # the sampler sees candidates x rows at once
+    for i in range(0, len(rows), step):
+        chunk = rows[i: i + step]
         ids, cond, length_mask, _ = pack(chunk, device)
         noise_gen = torch.Generator(device=device).manual_seed(seed + i)
         out = diffusion.sample(ids, length_mask, cond, steps=steps, sampler=sampler, gen=noise_gen, on_step=on_step,
                                spacing=spacing, guidance=guidance, temperature=temperature, snap=snap,
                                candidates=candidates)
         texts += [fill_template(t, tok, row, gaps) for t, row, (_, _, gaps, _)
-                  in zip(templates[i: i + batch_size], out.tolist(), chunk)]
+                  in zip(templates[i: i + step], out.tolist(), chunk)]
     return texts
 
 
@@ -176,7 +179,7 @@ def main():
     p.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same output")
     p.add_argument("--length", type=int, help="tokens per text, EOS included (default: drawn from the training lengths)")
     p.add_argument("--gap-length", type=int, default=6, help="tokens in a [gap] without a number")
-    p.add_argument("--show-steps", action="store_true", help="print the text decoded at intermediate steps (of every candidate)")
+    p.add_argument("--show-steps", action="store_true", help="print the text decoded at intermediate steps (the first candidate of each text)")
     p.add_argument("--no-ema", action="store_true", help="use the trained weights, not their moving average")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: one per core)")
@@ -199,7 +202,7 @@ def main():
             templates += read_lines(a.template_file)
         ckpt = checkpoint.load(a.ckpt)
         tok, model, diffusion = checkpoint.build(ckpt, pick_device(a.device), ema=not a.no_ema)
-        steps = diffusion.cfg.settings(bool(templates), a.steps)[0]
+        steps, _, _, candidates = diffusion.cfg.settings(bool(templates), a.steps, candidates=a.candidates)
         if any(re.search(r"\[gap:\s*\.\.", t) for t in templates) and not checkpoint.knows_gap_lengths(ckpt):
             print("note: this checkpoint was trained with --open-rate 0 or before it existed, so it has not learnt "
                   "how long a [gap:..N] should be: the lengths it gives are guesses", file=sys.stderr)
@@ -209,7 +212,7 @@ def main():
 
             def on_step(i, ids):
                 if (i + 1) % every == 0 or i == 0:
-                    for row in ids.tolist():
+                    for row in ids[::candidates].tolist():  # the first candidate of each text
                         print(f"[step {i + 1:>3}/{steps}] {tok.decode(row)}")
         texts = generate(diffusion, tok, templates=templates, prefix=a.prefix, num_samples=a.num_samples,
                          steps=steps, sampler=a.sampler or None, seed=a.seed, length=a.length,

@@ -214,13 +214,15 @@ def test_consensus_counts_agreement_on_the_masked_positions_only():
     # positions 0-1 count: candidate 1 shares a token with each of the others, they one with it alone;
     # on positions 2-3, which do not count, candidates 0 and 2 agree with each other everywhere
     c = torch.tensor([[[1, 2, 7, 7], [1, 3, 8, 9], [4, 3, 7, 7]]])  # (1, 3, 4)
-    c = torch.cat([c, c.flip(1)])  # a second row, its candidates in reverse order
-    mask = torch.tensor([[True, True, False, False]] * 2)
-    assert consensus(c, mask).tolist() == [1, 1]
+    # a second row: the same candidates reversed, its own mask (positions 2-3), so candidate 0 or 2 wins
+    c = torch.cat([c, c.flip(1)])
+    mask = torch.tensor([[True, True, False, False], [False, False, True, True]])
+    assert consensus(c, mask).tolist() == [1, 0]
     assert consensus(c, torch.ones_like(mask)).tolist() == [0, 0]  # all positions: the first of the tied pair
 
 
-def test_candidates_keep_the_consensus_of_their_own_draws():
+@pytest.mark.parametrize("guidance,steps", [(1.0, 4), (2.0, 6)])  # 6 steps: the restart spacing rises once
+def test_candidates_keep_the_consensus_of_their_own_draws(guidance, steps):
     """candidates=K samples K texts for each row, exactly as K copies of the row in one batch would,
     and returns, for each row, the one that consensus() picks among them; the context stays."""
     d = make()
@@ -228,9 +230,10 @@ def test_candidates_keep_the_consensus_of_their_own_draws():
         torch.nn.init.normal_(p, std=0.3)
     ids, length_mask, cond_mask = batch()
     K, (B, L) = 5, ids.shape
-    out = d.sample(ids, length_mask, cond_mask, steps=4, gen=torch.Generator().manual_seed(0), candidates=K)
+    run = lambda *x, **kw: d.sample(*x, steps=steps, gen=torch.Generator().manual_seed(0), guidance=guidance, **kw)  # noqa: E731
+    out = run(ids, length_mask, cond_mask, candidates=K)
     many = lambda x: x.repeat_interleave(K, 0)  # noqa: E731
-    each = d.sample(many(ids), many(length_mask), many(cond_mask), steps=4, gen=torch.Generator().manual_seed(0))
+    each = run(many(ids), many(length_mask), many(cond_mask))
     each = each.view(B, K, L)
     pick = consensus(each, length_mask & ~cond_mask)
     assert pick.ne(0).any()  # not merely the first draw of each row

@@ -180,7 +180,7 @@ def test_fills_and_samples_get_their_own_settings(run_dir, tok):
     diffusion.cfg.spacing, diffusion.cfg.infill_spacing, diffusion.cfg.infill_candidates = "warped", "sqrt", 3
     used, sample = [], diffusion.sample
     diffusion.sample = lambda *a, **kw: used.append((kw["steps"], kw["spacing"], kw["temperature"],
-                                                     kw.get("candidates", 1))) or sample(*a, **kw)
+                                                     kw["candidates"])) or sample(*a, **kw)
     r = evaluate.evaluate(diffusion, tok, SENTENCES[:4], num_lines=4, num_samples=2, steps=3, temperature=0.7,
                           infill_temperature=0.4, infill_steps=2)
     # one batch each, in order: span and scattered infilling, open gaps, samples
@@ -234,7 +234,8 @@ def test_user_mistakes(run_dir, corpus_file, tmp_path):
     for args, words in [(["--valid", str(tmp_path / "none.txt")], "no such file"),
                         (["--valid", corpus_file, "--judge", ckpt], "not a judge"),
                         (["--valid", corpus_file, "--judge", str(tmp_path / "none.pt")], "no such checkpoint"),
-                        (["--valid", corpus_file, "--sampler", "euler"], "unknown sampler")]:
+                        (["--valid", corpus_file, "--sampler", "euler"], "unknown sampler"),
+                        (["--valid", corpus_file, "--infill-candidates", "0"], "--infill-candidates")]:
         with pytest.raises(SystemExit) as e:
             evaluate.main(["--ckpt", ckpt, *args])
         assert str(e.value.code).startswith("error:") and words in str(e.value.code), e.value.code

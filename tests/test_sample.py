@@ -84,6 +84,12 @@ def test_gaps_of_open_length_get_the_length_the_model_tells(tok):
     lengths = [int((row != PAD).sum()) for row in seen[-1]]  # the rows as sampled: text, gaps and EOS
     # 3 tokens; where at most 2 may go, 1 and 2 are alike to the model and the lower median is 1
     assert lengths == [words[0] + 3 + words[1] + 2 + words[2] + 1] * 2 + [1 + words[3] + 1] * 2
+    # several candidates of a fill: each sampled with the length told once for its template
+    seen.clear()
+    diffusion.cfg.infill_candidates = 3
+    generate(diffusion, tok, templates=["the red fox [gap:..8] over the [gap:2] dog", "[gap:..2] the fox"],
+             num_samples=2, on_step=lambda i, ids: seen.append(ids))
+    assert [int((row != PAD).sum()) for row in seen[-1]] == [n for n in lengths for _ in range(3)]
     # an untrained head, a fixed gap's noise beside the marker: still one length for all samples of a template
     torch.nn.init.normal_(diffusion.model.gap_head.weight, std=1.0)
     seen.clear()

@@ -291,12 +291,13 @@ def evaluate(diffusion, tok, valid_lines, judge=None, train_lines=None, length_h
 
 def table(r) -> str:
     s, c, row = r["settings"], r["cost"], lambda label, *cells: f"  {label:<32}" + "".join(f"{v:>13}" for v in cells)
+    draws = s.get("infill_candidates", 1)  # JSONs written before it: one draw
     out = [f"denoising: {s['num_lines']} held-out lines, no context, self-conditioning off",
            "  t" + " " * 30 + "".join(f"{t:>8}" for t in r["denoising"])]
     out += [f"  {k:<31}" + "".join(f"{v[k]:>8.3f}" for v in r["denoising"].values()) for k in ("mse", "ce", "acc")]
     out += [f"infilling: {s.get('infill_steps', s['steps'])} {s['sampler']} steps, {s.get('infill_spacing', s['spacing'])} spacing, "
             f"temperature {s.get('infill_temperature', s['temperature']):g}, guidance {s['guidance']:g}, "
-            + (f"the consensus of {k} draws" if (k := s.get("infill_candidates", 1)) > 1 else "one draw"),
+            + (f"the consensus of {draws} draws" if draws > 1 else "one draw"),
             row("", "token acc", "exact lines")]
     for kind, label in (("span", "one span, 25-50% hidden"), ("scattered", "scattered, 15% hidden")):
         out.append(row(label, *(f"{r['infilling'][kind][k]:.3f}" for k in ("acc", "exact"))))

@@ -107,8 +107,9 @@ def generate(diffusion, tok, templates=None, prefix=None, num_samples=1, steps=N
     training corpus's length histogram that every checkpoint carries. steps, sampler, spacing,
     guidance, temperature, snap and candidates are those of Diffusion.sample; the default steps,
     spacing, temperature and candidates are the checkpoint's infill_* ones for templates, its
-    steps, spacing and temperature and one candidate for a prefix or no context. A gap of open length ([gap:..N]) gets the
-    length the model tells (Diffusion.gap_lengths), the same for every sample, then is filled."""
+    steps, spacing and temperature and one candidate for a prefix or no context. A gap of open
+    length ([gap:..N]) gets the length the model tells (Diffusion.gap_lengths), the same for every
+    sample, then is filled."""
     model = diffusion.model
     max_len = model.cfg.max_len
     device = next(model.parameters()).device
@@ -218,7 +219,7 @@ def main():
                          steps=steps, sampler=a.sampler or None, seed=a.seed, length=a.length,
                          lengths_from=ckpt.get("length_hist"), gap_length=a.gap_length, on_step=on_step,
                          spacing=a.spacing or None, guidance=a.guidance, temperature=a.temperature, snap=a.snap,
-                         candidates=a.candidates)
+                         candidates=candidates)
     except UserError as e:
         sys.exit(f"error: {e}")
     except ValueError as e:  # an unknown sampler or spacing name

@@ -190,8 +190,12 @@ def consensus(candidates, mask):
     that count -> (B,) the index of the candidate that agrees with the others on the most of
     them (the first such). Among the model's own samples, it is the one of highest expected token
     accuracy: minimum Bayes risk decoding (Kumar & Byrne 2004), as Diffusion-LM and DiffuSeq choose
-    among their samples (with BLEU for the agreement)."""
-    same = (candidates[:, :, None] == candidates[:, None]) & mask[:, None, None]  # (B, K, K, L)
+    among their samples (with BLEU for the agreement). A token that repeats the one before it earns
+    nothing: a weakly trained model's draws agree most on runs of their commonest tokens ("the the",
+    ",,,"), which real text almost never has."""
+    fresh = torch.ones_like(candidates, dtype=torch.bool)  # (B, K, L)
+    fresh[..., 1:] = candidates[..., 1:] != candidates[..., :-1]
+    same = (candidates[:, :, None] == candidates[:, None]) & (mask[:, None] & fresh)[:, :, None]  # (B, K, K, L)
     return same.sum((2, 3)).argmax(1)
 
 

@@ -213,12 +213,20 @@ def test_guidance_weights():
 def test_consensus_counts_agreement_on_the_masked_positions_only():
     # positions 0-1 count: candidate 1 shares a token with each of the others, they one with it alone;
     # on positions 2-3, which do not count, candidates 0 and 2 agree with each other everywhere
-    c = torch.tensor([[[1, 2, 7, 7], [1, 3, 8, 9], [4, 3, 7, 7]]])  # (1, 3, 4)
+    c = torch.tensor([[[1, 2, 7, 6], [1, 3, 8, 9], [4, 3, 7, 6]]])  # (1, 3, 4)
     # a second row: the same candidates reversed, its own mask (positions 2-3), so candidate 0 or 2 wins
     c = torch.cat([c, c.flip(1)])
     mask = torch.tensor([[True, True, False, False], [False, False, True, True]])
     assert consensus(c, mask).tolist() == [1, 0]
     assert consensus(c, torch.ones_like(mask)).tolist() == [0, 0]  # all positions: the first of the tied pair
+
+
+def test_consensus_gives_no_credit_for_repeating_the_token_before():
+    # candidates 0 and 1 agree on a run "1 1 1"; counted, it would make candidate 0 the pick (5 against
+    # candidate 2's 3); uncounted, candidate 2, which agrees on fresh tokens, wins (3 against 2)
+    c = torch.tensor([[[5, 1, 1, 1, 4], [5, 1, 1, 1, 6], [5, 2, 3, 1, 4]]])
+    mask = torch.tensor([[False, True, True, True, True]])
+    assert consensus(c, mask).tolist() == [2]
 
 
 @pytest.mark.parametrize("guidance,steps", [(1.0, 4), (2.0, 6)])  # 6 steps: the restart spacing rises once

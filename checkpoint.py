@@ -46,6 +46,9 @@ def save(path: str, keep: int | None = None, **state):
     With `keep` (training runs), the newest `keep` checkpoints stay as ckpt-STEP.pt beside it."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".ckpt-", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)  # as open() would make it, not mkstemp's owner-only 0600
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save({"version": VERSION, **state}, f)
@@ -61,10 +64,10 @@ def save(path: str, keep: int | None = None, **state):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-    if keep is None:
+    if keep is None or keep < 2:  # a run without --keep leaves the files of an earlier --keep run alone
         return
     history = sorted(f for f in os.listdir(folder) if re.fullmatch(r"ckpt-\d{8}\.pt", f))
-    for old in history[: max(0, len(history) - keep)] if keep > 1 else history:
+    for old in history[: max(0, len(history) - keep)]:
         os.remove(os.path.join(folder, old))
 
 
@@ -83,10 +86,23 @@ def check_writable(out: str, need_bytes: int):
         raise UserError(f"--out {out}: {free / 2**20:.0f} MiB free, a checkpoint needs about {need_bytes / 2**20:.0f} MiB (twice that while writing)")
 
 
+def check_output(flag: str, path: str, inputs) -> None:
+    """Fail before the work, not after it, if writing `path` would fail on a folder or destroy one
+    of the run's input files."""
+    if os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a folder; give a file name")
+    for other in inputs:
+        if other and os.path.isfile(path) and os.path.isfile(other) and os.path.samefile(path, other):
+            raise UserError(f"{flag} {path} is also an input of this run ({other}); writing it would destroy that")
+
+
 def load(path: str, map_location="cpu") -> dict:
     """Load and check a checkpoint; any problem is a UserError with one clear line."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such checkpoint")
+    with open(path, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":  # torch.save writes a zip archive
+            raise UserError(f"{path}: not a checkpoint (not a file written by torch.save)")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:

@@ -7,17 +7,29 @@ import time
 import torch
 import torch.distributed as dist
 
+from data import UserError
+
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def pick_device(name: str) -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    """--device: auto takes a CUDA GPU, else Apple's MPS, else the CPU; a named device must exist."""
+    mps = bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name}: not a device; give auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: this torch sees no CUDA GPU (a CPU build, or no driver)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: there are {torch.cuda.device_count()} CUDA GPUs")
+    if device.type == "mps" and not mps:
+        raise UserError(f"--device {name}: MPS is not available here")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device {name}: give auto, cpu, cuda, cuda:N or mps")
+    return device
 
 
 def bf16_matmul_speedup(n: int = 256, repeats: int = 5) -> float:

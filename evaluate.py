@@ -397,25 +397,36 @@ def main(argv=None):
     if not a.ckpt or not a.valid:
         p.error("give --ckpt and --valid (or --compare BEFORE AFTER)")
     if min(a.num_lines, a.num_samples, a.steps, a.infill_steps, a.batch_size) < 1 or a.threads < 0 \
-            or (a.infill_candidates is not None and a.infill_candidates < 1) or not min(a.temperature, a.infill_temperature) > 0:
+            or (a.infill_candidates is not None and a.infill_candidates < 1) \
+            or not all(0 < x < math.inf for x in (a.temperature, a.infill_temperature)):
         p.error("--num-lines, --num-samples, --steps, --infill-steps, --infill-candidates and --batch-size must be at least 1; "
                 "--threads not negative; "
-                "--temperature and --infill-temperature positive")
+                "--temperature and --infill-temperature positive and finite")
+    if a.infill_candidates is not None and a.infill_candidates > a.batch_size:
+        p.error("--infill-candidates must be at most --batch-size")
+    if not math.isfinite(a.guidance) or not math.isfinite(a.snap):
+        p.error("--guidance and --snap must be finite")
     torch.set_num_threads(a.threads or os.cpu_count() or 1)
     try:
         get_sampler(a.sampler), [get_spacing(s) for s in (a.spacing, a.infill_spacing) if s]
     except ValueError as e:
         sys.exit(f"error: {e}")
     try:
+        if a.json:
+            checkpoint.check_output("--json", a.json, (a.ckpt, a.valid, a.judge, a.train))
         ckpt = checkpoint.load(a.ckpt)
         diffusion_tokenizer(ckpt, a.ckpt)  # a judge or a foreign file given as --ckpt: a clear error
         tok, _, diffusion = checkpoint.build(ckpt, pick_device(a.device), ema=not a.no_ema)
-        valid_lines = read_lines(a.valid)
+        valid_lines = [line for line in read_lines(a.valid) if tok.encode(line)]  # not lines of only unknown marks
+        if not valid_lines:
+            raise UserError(f"--valid {a.valid}: no line holds a piece this checkpoint's tokenizer knows")
         judge = None
         if a.judge:
             judge = load_judge(a.judge, next(diffusion.model.parameters()).device, (tok, a.ckpt))[1]
         train_path = a.train or ckpt.get("train_config", {}).get("corpus", "")
         train_lines = read_lines(train_path) if a.train or (train_path and os.path.isfile(train_path)) else None
+        if a.json:
+            checkpoint.check_output("--json", a.json, (train_path,))
         if a.json and not os.path.isdir(os.path.dirname(os.path.abspath(a.json))):
             raise UserError(f"--json {a.json}: no such folder")
         r = evaluate(diffusion, tok, valid_lines, judge, train_lines, ckpt.get("length_hist"), a.num_lines,

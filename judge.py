@@ -143,6 +143,8 @@ def fit(judge, corpus: Corpus, max_steps=0, max_minutes=0.0, batch_size=64, lr=1
     except KeyboardInterrupt:
         tqdm.write("stopping: saving the judge as it is", file=sys.stderr)
     bar.close()
+    if not all(torch.isfinite(p).all() for p in params):
+        raise UserError("the judge's loss diverged (not finite); nothing saved. Try a lower --lr")
     judge.eval()
     return step
 
@@ -204,10 +206,13 @@ def main(argv=None):
         p.error("--batch-size must be at least 1 and --lr positive")
     if not a.max_steps and not a.max_minutes:
         p.error("give --max-steps or --max-minutes (or both)")
+    if not math.isfinite(a.max_minutes) or not math.isfinite(a.lr):
+        p.error("--max-minutes and --lr must be finite")
     torch.set_num_threads(a.threads or os.cpu_count() or 1)
     torch.manual_seed(a.seed)
-    device = pick_device(a.device)
     try:
+        device = pick_device(a.device)
+        checkpoint.check_output("--out", a.out, (a.ckpt, a.corpus, a.valid))
         ckpt = checkpoint.load(a.ckpt)
         tok, max_len = diffusion_tokenizer(ckpt, a.ckpt)
         lines = read_lines(a.corpus)

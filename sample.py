@@ -16,6 +16,7 @@ gives varied ones. A prefix is continued as the template "PREFIX [gap:N]", N dra
 lengths. One result a line.
 """
 import argparse
+import math
 import os
 import re
 import sys
@@ -39,6 +40,9 @@ def parse_template(template: str, tok, max_len: int, gap_length: int = 6, open_l
     A gap of open length is one marker (a context position holding PAD, data.collapse_gaps) whose
     length the model tells (Diffusion.gap_lengths); or, given `open_lengths` (an iterator), a gap
     of the next of them."""
+    stray = re.search(r"\[\s*gap\b[^\]]*\]?", GAP.sub("", template), re.IGNORECASE)
+    if stray:
+        raise UserError(f"bad gap {stray[0]!r} in template: write [gap], [gap:N] or [gap:..N], closed by ]")
     ids, cond, pos, gaps, up_to = [], [], 0, [], []
     for m in GAP.finditer(template):
         text = template[pos: m.start()].strip()
@@ -191,8 +195,14 @@ def main():
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if a.threads < 0:
         p.error("--threads must not be negative")
-    if a.temperature is not None and not a.temperature > 0:
-        p.error("--temperature must be positive")
+    if a.candidates is not None and a.candidates > 64:
+        p.error("--candidates must be at most 64, the rows of one sampling batch")
+    if a.temperature is not None and not 0 < a.temperature < math.inf:
+        p.error("--temperature must be positive and finite")
+    if not math.isfinite(a.guidance) or a.snap is not None and not math.isfinite(a.snap):
+        p.error("--guidance and --snap must be finite")
+    if a.length is not None and (a.template or a.template_file):
+        p.error("--length is for samples and prefixes; a template's length is its own")
     if a.template and a.prefix or a.template_file and a.prefix:
         p.error("give templates or a prefix, not both")
     torch.set_num_threads(a.threads or os.cpu_count() or 1)
@@ -224,8 +234,12 @@ def main():
         sys.exit(f"error: {e}")
     except ValueError as e:  # an unknown sampler or spacing name
         sys.exit(f"error: {e}")
-    for text in texts:
-        print(text)
+    try:
+        for text in texts:
+            print(text)
+        sys.stdout.flush()
+    except BrokenPipeError:  # `| head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
 
 
 if __name__ == "__main__":

@@ -96,11 +96,18 @@ def main():
     p.add_argument("--out", required=True, help="output prefix: writes PREFIX.model and PREFIX.vocab")
     p.add_argument("--max-sentences", type=int, default=1_000_000, help="sample at most this many lines")
     args = p.parse_args()
-    if args.vocab_size < 8:
-        sys.exit("error: --vocab-size must be at least 8")
+    if args.vocab_size < 8 or args.max_sentences < 1:
+        sys.exit("error: --vocab-size must be at least 8 and --max-sentences at least 1")
+    if args.out.endswith(".model"):  # `--out runs/tok.model` means the prefix runs/tok
+        args.out = args.out[: -len(".model")]
+    if args.out.endswith(("/", os.sep)) or os.path.isdir(args.out):
+        sys.exit(f"error: --out {args.out} is a folder; give a prefix such as {os.path.join(args.out, 'tok')}")
     from data import UserError, read_lines  # data.py imports this file, so import it late
 
     try:
+        folder = os.path.dirname(os.path.abspath(args.out))
+        os.makedirs(folder, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()  # fail on the output folder before training, not after
         tok = train_tokenizer(read_lines(args.corpus), args.vocab_size, args.out, args.max_sentences)
     except (UserError, ValueError) as e:
         sys.exit(f"error: {e}")

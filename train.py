@@ -138,7 +138,7 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
             raise UserError(f"{ckpt_path} was written by an older version, without the gap-length head; "
                             f"it samples as it did, but a run cannot resume from it: use another --out")
         tok, model, diffusion = checkpoint.build(resume, device, ema=False)  # train on the trained weights
-        if cfg.tokenizer and Tokenizer.load(cfg.tokenizer).model_bytes != tok.model_bytes:
+        if cfg.tokenizer and load_tokenizer(cfg.tokenizer).model_bytes != tok.model_bytes:
             raise UserError(f"{ckpt_path} was trained with another tokenizer than {cfg.tokenizer}; use another --out")
         mcfg, dcfg = model.cfg, diffusion.cfg
     else:
@@ -205,7 +205,15 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
               f"{f', {len(valid)} held-out' if valid else ''}, device {device}, {world} process(es), "
               f"{torch.get_num_threads()} threads, {'bf16 autocast' if bf16 else 'float32'}{', resuming at step ' + str(step) if resume else ''}")
 
+    def diverged():
+        kept = f"the last good checkpoint stays in {ckpt_path}" if os.path.exists(ckpt_path) else "no checkpoint was saved"
+        return UserError(f"the loss diverged (not finite) by step {step}; stopped: {kept}. Try a lower --lr")
+
     def save():
+        # weights that are no longer finite never replace a good checkpoint (every process checks,
+        # so all of them stop together)
+        if not all(torch.isfinite(p).all() for p in params):
+            raise diverged()
         if rank == 0:
             checkpoint.save(ckpt_path, keep=cfg.keep, model=model.state_dict(), optimizer=opt.state_dict(), step=step,
                             elapsed=elapsed_before + time.time() - start, batches=batches.state(),
@@ -226,7 +234,7 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
     stopper = checkpoint.StopFlag()
     start = time.time()
     bar = tqdm(total=cfg.max_steps or None, initial=step, disable=quiet, dynamic_ncols=True, mininterval=1, file=sys.stdout)
-    logged, sums, tokens, t_log = {}, {}, 0, time.time()
+    logged, sums, summed, tokens, t_log = {}, {}, 0, 0, time.time()
     it = iter(batches)
     while True:
         # all processes agree on when to stop (rank 0's clock, anyone's Ctrl-C)
@@ -247,23 +255,23 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
         if cfg.check_sync and world > 1:
             check_in_sync(params, world)
         tokens += parts.pop("tokens")
+        summed += 1  # steps in `sums`: fewer than --log-every in the first log after a resume
         for k, v in parts.items():  # summed on the device: no host sync every step
             sums[k] = sums.get(k, 0) + v.detach()
 
         if step % cfg.log_every == 0:
             keys = sorted(sums)
             total = all_sum(torch.stack([sums[k].float().cpu() for k in keys]), world)
-            logged = {k: v.item() / cfg.log_every for k, v in zip(keys, total)}
+            logged = {k: v.item() / summed for k, v in zip(keys, total)}
             if not math.isfinite(logged["loss"]):
                 bar.close()
-                raise UserError(f"loss is {logged['loss']} at step {step}; stopped. The last good checkpoint "
-                                f"is kept in {ckpt_path}; try a lower --lr")
+                raise diverged()
             tok_s = world * tokens / (time.time() - t_log)
             bar.set_postfix(loss=f"{logged['loss']:.3f}", mse=f"{logged['mse']:.3f}", ce=f"{logged['ce']:.3f}",
                             acc=f"{logged['acc']:.3f}", **({"gap_ce": f"{logged['gap_ce']:.2f}"} if cfg.open_rate else {}),
                             tok_s=f"{tok_s:.0f}", lr=f"{lr:.1e}")
             logged["tokens_per_s"] = tok_s
-            sums, tokens, t_log = {}, 0, time.time()
+            sums, summed, tokens, t_log = {}, 0, 0, time.time()
         bar.update(1)
 
         if step % cfg.eval_every == 0:
@@ -346,6 +354,10 @@ def load_or_train_tokenizer(cfg, train_lines, rank, world):
             raise UserError(str(e)) from None
     if world > 1:
         dist.barrier()
+    return load_tokenizer(path)
+
+
+def load_tokenizer(path):
     try:
         return Tokenizer.load(path)
     except OSError as e:
@@ -429,8 +441,12 @@ def parse_args(argv=None) -> TrainConfig:
         p.error("--self-cond-rate, --open-rate and --warp-floor must be between 0 and 1")
     if not 0 <= cfg.ema < 1:
         p.error("--ema must be at least 0 and below 1")
-    if not cfg.lr > 0 or not cfg.grad_clip > 0:
-        p.error("--lr and --grad-clip must be positive")
+    if not all(0 < x < math.inf for x in (cfg.lr, cfg.grad_clip, cfg.noise_scale)):
+        p.error("--lr, --grad-clip and --noise-scale must be positive and finite")
+    if not 0 <= cfg.min_lr_ratio <= 1:
+        p.error("--min-lr-ratio must be between 0 and 1")
+    if not math.isfinite(cfg.max_minutes) or not math.isfinite(cfg.weight_decay):
+        p.error("--max-minutes and --weight-decay must be finite")
     if cfg.max_len == 1 or cfg.max_len > 4096:
         p.error("--max-len must be between 2 and 4096")
     if not cfg.max_steps and not cfg.max_minutes:

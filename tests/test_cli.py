@@ -96,6 +96,34 @@ def test_bad_checkpoints_and_templates(run_dir, tmp_path):
     one_line_error(run("sample.py", "--ckpt", ckpt, "--steps", "0", check=False), "--steps")
     one_line_error(run("sample.py", "--ckpt", ckpt, "--candidates", "0", check=False), "--candidates")
     one_line_error(run("sample.py", "--ckpt", ckpt, "--sampler", "euler", check=False), "unknown sampler")
+    one_line_error(run("sample.py", "--ckpt", str(run_dir / "tok.model"), check=False), "not a checkpoint")
+    one_line_error(run("sample.py", "--ckpt", ckpt, "--candidates", "65", check=False), "--candidates")
+    one_line_error(run("sample.py", "--ckpt", ckpt, "--temperature", "inf", check=False), "--temperature")
+    one_line_error(run("sample.py", "--ckpt", ckpt, "--template", "the [gap] dog", "--length", "5", check=False), "--length")
+    if not torch.cuda.is_available():
+        one_line_error(run("sample.py", "--ckpt", ckpt, "--device", "cuda", check=False), "--device cuda")
+    one_line_error(run("sample.py", "--ckpt", ckpt, "--device", "tpu", check=False), "--device tpu")
+
+
+def test_outputs_never_overwrite_inputs(run_dir, corpus_file, tmp_path):
+    """--json of evaluate.py and --out of judge.py that name an input file end before any work, and
+    the file is left as it was."""
+    ckpt = tmp_path / "ckpt.pt"
+    ckpt.write_bytes((run_dir / "out" / "ckpt.pt").read_bytes())
+    before = ckpt.read_bytes()
+    one_line_error(run("evaluate.py", "--ckpt", str(ckpt), "--valid", corpus_file, "--json", str(ckpt), check=False),
+                   "input")
+    one_line_error(run("judge.py", "--corpus", corpus_file, "--ckpt", str(ckpt), "--out", str(ckpt),
+                       "--max-steps", "2", check=False), "input")
+    one_line_error(run("judge.py", "--corpus", corpus_file, "--ckpt", str(ckpt), "--out", str(tmp_path),
+                       "--max-steps", "2", check=False), "folder")
+    assert ckpt.read_bytes() == before
+
+
+def test_tokenizer_out_may_name_the_model_file(corpus_file, tmp_path):
+    run("tokenizer.py", "--corpus", corpus_file, "--vocab-size", "150", "--out", str(tmp_path / "t.model"))
+    assert sorted(os.listdir(tmp_path)) == ["t.model", "t.vocab"]
+    one_line_error(run("tokenizer.py", "--corpus", corpus_file, "--out", str(tmp_path), check=False), "folder")
 
 
 class Payload:

@@ -71,20 +71,30 @@ def test_keep_last_checkpoints(corpus_file, tok_file, tmp_path):
     assert torch.load(tmp_path / kept[-1], weights_only=True)["step"] == 8
 
 
-def test_non_finite_loss_stops_and_keeps_last_checkpoint(corpus_file, tok_file, tmp_path, monkeypatch):
+@pytest.mark.parametrize("log_every, caught", [(2, "by step 6"), (100, "by step 8")])  # by the log, by the save
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(corpus_file, tok_file, tmp_path, monkeypatch, log_every, caught):
     real = train_mod.train_step
 
     def poisoned(diffusion, batch, cfg, step, *rest):
         parts = real(diffusion, batch, cfg, step, *rest)
-        if step >= 5:
+        if step >= 5:  # what a diverged step does: a loss and then weights that are not finite
             parts["loss"] = parts["loss"] * float("nan")
+            with torch.no_grad():
+                next(diffusion.model.parameters()).fill_(float("nan"))
         return parts
 
     monkeypatch.setattr(train_mod, "train_step", poisoned)
-    with pytest.raises(UserError, match="at step 6"):
-        train(config(corpus_file, tok_file, tmp_path, max_steps=20, eval_every=4, log_every=2), quiet=True)
+    with pytest.raises(UserError, match=f"{caught}; stopped: the last good checkpoint stays in"):
+        train(config(corpus_file, tok_file, tmp_path, max_steps=20, eval_every=4, log_every=log_every), quiet=True)
     ckpt = checkpoint.load(str(tmp_path / "ckpt.pt"))
     assert ckpt["step"] == 4 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_a_run_without_keep_leaves_kept_checkpoints_alone(corpus_file, tok_file, tmp_path):
+    train(config(corpus_file, tok_file, tmp_path, max_steps=4, eval_every=2, keep=2), quiet=True)
+    train(config(corpus_file, tok_file, tmp_path, max_steps=6, eval_every=2), quiet=True)  # resumed, keep=1
+    assert sorted(f for f in os.listdir(tmp_path) if f.startswith("ckpt-")) == ["ckpt-00000002.pt", "ckpt-00000004.pt"]
+    assert checkpoint.load(str(tmp_path / "ckpt.pt"))["step"] == 6
 
 
 def test_full_disk_is_reported_before_training(corpus_file, tok_file, tmp_path, monkeypatch):

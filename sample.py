@@ -85,8 +85,9 @@ def parse_template(template: str, tok, max_len: int, gap_length: int = 6, open_l
 def fill_template(template: str, tok, ids, gaps) -> str:
     """The template with each gap replaced by the decoded tokens the model put there. Each fill is
     decoded on its own, so it cannot glue onto the words around it; the template's own spacing
-    stays, and the spaces around an empty fill become one."""
+    stays, and the spaces around an empty fill become one; two gaps side by side are two words."""
     fills = iter([tok.decode(ids[a:b]) for a, b in gaps])
+    template = re.sub(r"\](?=\[gap)", "] ", template)
     return " ".join(GAP.sub(lambda m: next(fills), template).split())
 
 
@@ -125,6 +126,8 @@ def generate(diffusion, tok, templates=None, prefix=None, num_samples=1, steps=N
     if templates:
         templates = [t for t in templates for _ in range(num_samples)]
     else:
+        if prefix and re.search(r"\[\s*gap\b", prefix, re.IGNORECASE):
+            raise UserError("a prefix is plain text to continue; give text with gaps as a template (--template)")
         n_prefix = len(tok.encode(prefix)) if prefix else 0
         if n_prefix + 2 > max_len:
             raise UserError(f"prefix is {n_prefix} tokens; the model takes at most {max_len - 2} before a gap and EOS")

@@ -103,6 +103,7 @@ def test_bad_checkpoints_and_templates(run_dir, tmp_path):
     if not torch.cuda.is_available():
         one_line_error(run("sample.py", "--ckpt", ckpt, "--device", "cuda", check=False), "--device cuda")
     one_line_error(run("sample.py", "--ckpt", ckpt, "--device", "tpu", check=False), "--device tpu")
+    one_line_error(run("sample.py", "--ckpt", ckpt, "--prefix", "the [gap:3] fox", check=False), "--template")
 
 
 def test_outputs_never_overwrite_inputs(run_dir, corpus_file, tmp_path):

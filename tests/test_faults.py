@@ -184,6 +184,8 @@ def test_resuming_with_another_model_setting_is_refused(corpus_file, tok_file, t
     train(config(corpus_file, tok_file, out, max_steps=2), quiet=True)
     with pytest.raises(UserError, match="--schedule cosine"):
         train(config(corpus_file, tok_file, out, max_steps=4, schedule="sqrt"), quiet=True)
+    with pytest.raises(UserError, match="--batch-size 8.*--grad-accum"):  # the data position would mean another thing
+        train(config(corpus_file, tok_file, out, max_steps=4, batch_size=4), quiet=True)
 
 
 def test_resuming_a_checkpoint_without_the_gap_length_head_is_refused(corpus_file, tok_file, tmp_path):

@@ -57,6 +57,11 @@ def test_fill_keeps_context_words(tok):
     for a, b in gaps:
         ids[a:b] = fox
     assert fill_template(template, tok, ids, gaps) == "fox, then fox."
+    template = f"[gap:{len(fox)}][gap:{len(fox)}]"  # side by side: two fills, two words
+    ids, cond, gaps, _ = parse_template(template, tok, max_len=64)
+    for a, b in gaps:
+        ids[a:b] = fox
+    assert fill_template(template, tok, ids, gaps) == "fox fox"
 
 
 def test_gaps_of_open_length(tok):

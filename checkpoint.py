@@ -46,10 +46,13 @@ def save(path: str, keep: int | None = None, **state):
     With `keep` (training runs), the newest `keep` checkpoints stay as ckpt-STEP.pt beside it."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".ckpt-", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)  # as open() would make it, not mkstemp's owner-only 0600
     try:
+        try:  # as open() would make it, not mkstemp's owner-only 0600; best effort (Windows, vfat)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.fchmod(fd, 0o666 & ~umask)
+        except (AttributeError, OSError):
+            pass
         with os.fdopen(fd, "wb") as f:
             torch.save({"version": VERSION, **state}, f)
             f.flush()

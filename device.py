@@ -82,9 +82,10 @@ def autocast(device, bf16: bool):
 def setup_distributed(device_name: str):
     """torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; a plain run is rank 0 of 1."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    named = pick_device(device_name)  # a named device must exist
     if world == 1:
-        return 0, 1, pick_device(device_name)
-    use_cuda = device_name in ("auto", "cuda") and torch.cuda.is_available()
+        return 0, 1, named
+    use_cuda = named.type == "cuda"
     dist.init_process_group("nccl" if use_cuda else "gloo")
     if use_cuda:
         local = int(os.environ.get("LOCAL_RANK", "0"))

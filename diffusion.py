@@ -192,7 +192,9 @@ def consensus(candidates, mask):
     accuracy: minimum Bayes risk decoding (Kumar & Byrne 2004), as Diffusion-LM and DiffuSeq choose
     among their samples (with BLEU for the agreement). A token that repeats the one before it earns
     nothing: a weakly trained model's draws agree most on runs of their commonest tokens ("the the",
-    ",,,"), which real text almost never has."""
+    ",,,"), which real text almost never has. Each candidate's agreement with itself stays in the
+    sum, one point for each of its tokens that is not a repeat, so of candidates that agree with the
+    others as much, the one with fewer repeats wins."""
     fresh = torch.ones_like(candidates, dtype=torch.bool)  # (B, K, L)
     fresh[..., 1:] = candidates[..., 1:] != candidates[..., :-1]
     same = (candidates[:, :, None] == candidates[:, None]) & (mask[:, None] & fresh)[:, :, None]  # (B, K, K, L)

@@ -402,8 +402,6 @@ def main(argv=None):
         p.error("--num-lines, --num-samples, --steps, --infill-steps, --infill-candidates and --batch-size must be at least 1; "
                 "--threads not negative; "
                 "--temperature and --infill-temperature positive and finite")
-    if a.infill_candidates is not None and a.infill_candidates > a.batch_size:
-        p.error("--infill-candidates must be at most --batch-size")
     if not math.isfinite(a.guidance) or not math.isfinite(a.snap):
         p.error("--guidance and --snap must be finite")
     torch.set_num_threads(a.threads or os.cpu_count() or 1)
@@ -417,9 +415,11 @@ def main(argv=None):
         ckpt = checkpoint.load(a.ckpt)
         diffusion_tokenizer(ckpt, a.ckpt)  # a judge or a foreign file given as --ckpt: a clear error
         tok, _, diffusion = checkpoint.build(ckpt, pick_device(a.device), ema=not a.no_ema)
-        valid_lines = [line for line in read_lines(a.valid) if tok.encode(line)]  # not lines of only unknown marks
+        # not lines that the tokenizer's normalisation erases (only control or zero-width characters)
+        valid_lines = [line for line in read_lines(a.valid) if tok.encode(line)]
         if not valid_lines:
-            raise UserError(f"--valid {a.valid}: no line holds a piece this checkpoint's tokenizer knows")
+            raise UserError(f"--valid {a.valid}: no line has any text left after the tokenizer's normalisation "
+                            f"(only control or zero-width characters)")
         judge = None
         if a.judge:
             judge = load_judge(a.judge, next(diffusion.model.parameters()).device, (tok, a.ckpt))[1]

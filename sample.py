@@ -42,7 +42,7 @@ def parse_template(template: str, tok, max_len: int, gap_length: int = 6, open_l
     of the next of them."""
     stray = re.search(r"\[\s*gap\b[^\]]*\]?", GAP.sub("", template), re.IGNORECASE)
     if stray:
-        raise UserError(f"bad gap {stray[0]!r} in template: write [gap], [gap:N] or [gap:..N], closed by ]")
+        raise UserError(f"bad gap {stray[0][:40]!r} in template: write [gap], [gap:N] or [gap:..N], closed by ]")
     ids, cond, pos, gaps, up_to = [], [], 0, [], []
     for m in GAP.finditer(template):
         text = template[pos: m.start()].strip()
@@ -87,7 +87,7 @@ def fill_template(template: str, tok, ids, gaps) -> str:
     decoded on its own, so it cannot glue onto the words around it; the template's own spacing
     stays, and the spaces around an empty fill become one; two gaps side by side are two words."""
     fills = iter([tok.decode(ids[a:b]) for a, b in gaps])
-    template = re.sub(r"\](?=\[gap)", "] ", template)
+    template = re.sub(f"({GAP.pattern})(?=\\[gap)", r"\1 ", template)
     return " ".join(GAP.sub(lambda m: next(fills), template).split())
 
 
@@ -199,7 +199,7 @@ def main():
     if a.threads < 0:
         p.error("--threads must not be negative")
     if a.candidates is not None and a.candidates > 64:
-        p.error("--candidates must be at most 64, the rows of one sampling batch")
+        p.error("--candidates must be at most 64: the draws of one text are sampled in one batch")
     if a.temperature is not None and not 0 < a.temperature < math.inf:
         p.error("--temperature must be positive and finite")
     if not math.isfinite(a.guidance) or a.snap is not None and not math.isfinite(a.snap):
@@ -237,12 +237,19 @@ def main():
         sys.exit(f"error: {e}")
     except ValueError as e:  # an unknown sampler or spacing name
         sys.exit(f"error: {e}")
+    except BrokenPipeError:  # --show-steps into `| head`
+        return quiet_stdout()
     try:
         for text in texts:
             print(text)
         sys.stdout.flush()
     except BrokenPipeError:  # `| head`: the reader has what it wanted
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        quiet_stdout()
+
+
+def quiet_stdout():
+    """After the reader of a pipe has gone: no second error when Python flushes stdout at exit."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 if __name__ == "__main__":

@@ -214,6 +214,7 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
         # weights that are no longer finite never replace a good checkpoint (every process checks,
         # so all of them stop together)
         if not all(torch.isfinite(p).all() for p in params):
+            bar.close()
             raise diverged()
         if rank == 0:
             checkpoint.save(ckpt_path, keep=cfg.keep, model=model.state_dict(), optimizer=opt.state_dict(), step=step,

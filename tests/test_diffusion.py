@@ -227,6 +227,9 @@ def test_consensus_gives_no_credit_for_repeating_the_token_before():
     c = torch.tensor([[[5, 1, 1, 1, 4], [5, 1, 1, 1, 6], [5, 2, 3, 1, 4]]])
     mask = torch.tensor([[False, True, True, True, True]])
     assert consensus(c, mask).tolist() == [2]
+    # each agrees with the others on one token; the first alone has a repeat, so it loses the tie
+    c = torch.tensor([[[1, 1], [1, 2], [3, 1]]])
+    assert consensus(c, torch.ones(1, 2, dtype=torch.bool)).tolist() == [1]
 
 
 @pytest.mark.parametrize("guidance,steps", [(1.0, 4), (2.0, 6)])  # 6 steps: the restart spacing rises once

@@ -169,6 +169,10 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
 
     corpus = Corpus(train_lines, tok, mcfg.max_len)
     valid = Corpus(valid_lines, tok, mcfg.max_len) if valid_lines else None
+    if resume is not None and resume.get("length_hist", corpus.length_histogram()) != corpus.length_histogram():
+        # the saved data position counts lines of the corpus it was trained on
+        raise UserError(f"{ckpt_path} was trained on other lines than --corpus {cfg.corpus} gives now "
+                        f"(their lengths differ); resume with that corpus, or start a new run in another --out")
     if corpus.cropped and rank == 0:
         print(f"note: {corpus.cropped} of {len(corpus)} lines were longer than {mcfg.max_len - 1} tokens and were cropped", file=sys.stderr)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -186,6 +186,10 @@ def test_resuming_with_another_model_setting_is_refused(corpus_file, tok_file, t
         train(config(corpus_file, tok_file, out, max_steps=4, schedule="sqrt"), quiet=True)
     with pytest.raises(UserError, match="--batch-size 8.*--grad-accum"):  # the data position would mean another thing
         train(config(corpus_file, tok_file, out, max_steps=4, batch_size=4), quiet=True)
+    shorter = tmp_path / "shorter.txt"
+    shorter.write_text("\n".join(open(corpus_file).read().splitlines()[:-5]) + "\n")
+    with pytest.raises(UserError, match="other lines"):
+        train(config(str(shorter), tok_file, out, max_steps=4), quiet=True)
 
 
 def test_resuming_a_checkpoint_without_the_gap_length_head_is_refused(corpus_file, tok_file, tmp_path):

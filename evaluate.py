@@ -8,8 +8,8 @@ hidden span (25-50% of a line) or scattered tokens (15%). gaps of open length: t
 a gap of up to all the room the model has, whose length the model chooses: fill lengths beside
 true lengths, and token accuracy on aligned text (edit distance). samples:
 unconditional samples beside held-out lines: judge perplexity (judge.py), unigram entropy,
-distinct-2, share copied from training, length. cost: seconds and network evaluations per sample.
-Every draw comes from --seed: a rerun gives the same numbers, seconds aside. Compare at equal counts
+distinct-2, share copied from training, length. cost: seconds and network evaluations per sample,
+and per filled line. Every draw comes from --seed: a rerun gives the same numbers, seconds aside. Compare at equal counts
 (--num-samples = --num-lines): distinct-n falls as texts are added.
 """
 import argparse
@@ -274,8 +274,10 @@ def evaluate(diffusion, tok, valid_lines, judge=None, train_lines=None, length_h
                       "infill_temperature": infill_temperature, "snap": snap, "seed": seed, "judge": judge is not None,
                       "train": train_set is not None}}
     r["denoising"] = denoising(diffusion, corpus, TIMES, seed, batch_size)
+    start = time.perf_counter()
     r["infilling"] = {kind: infilling(diffusion, corpus, kind, infill_steps, sampler, seed, batch_size, infill_spacing,
                                       guidance, infill_temperature, snap, infill_candidates) for kind in HIDE}
+    fill_seconds = (time.perf_counter() - start) / (len(HIDE) * len(lines))
     r["open_gaps"] = open_infilling(diffusion, corpus, infill_steps, sampler, seed, batch_size, infill_spacing,
                                     infill_temperature, snap, infill_candidates)
     texts, tokens, seconds = unconditional(diffusion, tok, num_samples, steps, sampler, seed, length_hist, batch_size,
@@ -284,7 +286,9 @@ def evaluate(diffusion, tok, valid_lines, judge=None, train_lines=None, length_h
     r["held_out"] = text_stats([tok.decode(ids) for ids in corpus.ids], [text_tokens(ids) for ids in corpus.ids],
                                judge, tok, train_set)
     # self-conditioning reuses the previous step's estimate: one network evaluation a step, no more
-    r["cost"] = {"seconds_per_sample": seconds / num_samples, "evals_per_sample": steps, "batch_size": batch_size}
+    r["cost"] = {"seconds_per_sample": seconds / num_samples, "evals_per_sample": steps, "batch_size": batch_size,
+                 # a filled line: the infilling sections' time per line, and each of its draws' steps
+                 "seconds_per_fill": fill_seconds, "evals_per_fill": infill_steps * infill_candidates}
     r["examples"] = texts[:5]
     return r
 
@@ -318,6 +322,9 @@ def table(r) -> str:
         out.append(row(label, *("-" if r[k][key] is None else format(r[k][key], spec) for k in ("samples", "held_out"))))
     out += [f"cost: batches of {c['batch_size']}", row("seconds per sample", f"{c['seconds_per_sample']:.4f}"),
             row("network evaluations per sample", c["evals_per_sample"])]
+    if "seconds_per_fill" in c:  # JSONs written before it: samples only
+        out += [row("seconds per filled line", f"{c['seconds_per_fill']:.4f}"),
+                row("network evaluations per fill", c["evals_per_fill"])]
     return "\n".join(out)
 
 
@@ -335,7 +342,8 @@ def numbers(r) -> list:
         if r["samples"][k] is not None:
             goal = {"judge_ppl": "low", "copied": "low"}.get(k, "near")
             out.append((f"samples {k}", r["samples"][k], goal, r["held_out"][k]))
-    out += [(f"cost {k}", r["cost"][k], "low", None) for k in ("seconds_per_sample", "evals_per_sample")]
+    out += [(f"cost {k}", r["cost"][k], "low", None)
+            for k in ("seconds_per_sample", "evals_per_sample", "seconds_per_fill", "evals_per_fill") if k in r["cost"]]
     return out
 
 

@@ -203,7 +203,7 @@ def test_evaluate_end_to_end_twice(run_dir, corpus_file, capsys):
         evaluate.main(args + ["--json", str(run_dir / name)])
         results.append(json.loads((run_dir / name).read_text()))
     for r in results:
-        assert r["cost"].pop("seconds_per_sample") > 0  # the only number that may change
+        assert r["cost"].pop("seconds_per_sample") > 0 and r["cost"].pop("seconds_per_fill") > 0  # the only numbers that may change
     a, b = results
     assert a == b
     assert list(a["denoising"]) == ["0.1", "0.3", "0.5", "0.7", "0.9"]
@@ -216,8 +216,9 @@ def test_evaluate_end_to_end_twice(run_dir, corpus_file, capsys):
     assert a["samples"]["copied"] is not None  # the checkpoint's training corpus was found
     assert a["held_out"]["copied"] == 1.0  # --valid is the training corpus here
     assert a["cost"]["evals_per_sample"] == 3 and a["settings"]["num_lines"] == 6 and len(a["examples"]) == 5
+    assert a["cost"]["evals_per_fill"] == 3 * a["settings"]["infill_candidates"]  # each draw of a fill takes its steps
     out = capsys.readouterr().out
-    assert "denoising" in out and "judge perplexity" in out and "network evaluations per sample" in out
+    assert "denoising" in out and "judge perplexity" in out and "network evaluations per fill" in out
 
 
 def test_user_mistakes(run_dir, corpus_file, tmp_path):

@@ -119,6 +119,8 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
                 os.remove(os.path.join(cfg.out, f))
     ckpt_path = os.path.join(cfg.out, "ckpt.pt")
     resume = checkpoint.load(ckpt_path) if os.path.exists(ckpt_path) else None
+    if resume is not None and (resume.get("kind") == "judge" or "model_config" not in resume):
+        raise UserError(f"{ckpt_path} is not a checkpoint written by train.py (a judge?); use another --out")
 
     lines = read_lines(cfg.corpus)
     if cfg.valid:

@@ -192,6 +192,13 @@ def test_resuming_with_another_model_setting_is_refused(corpus_file, tok_file, t
         train(config(str(shorter), tok_file, out, max_steps=4), quiet=True)
 
 
+def test_a_judge_in_out_is_not_resumed(corpus_file, tok_file, tmp_path):
+    (tmp_path / "j").mkdir()
+    torch.save({"version": checkpoint.VERSION, "kind": "judge", "model": {}}, tmp_path / "j" / "ckpt.pt")
+    with pytest.raises(UserError, match="not a checkpoint written by train.py"):
+        train(config(corpus_file, tok_file, tmp_path / "j"), quiet=True)
+
+
 def test_resuming_a_checkpoint_without_the_gap_length_head_is_refused(corpus_file, tok_file, tmp_path):
     train(config(corpus_file, tok_file, tmp_path / "a", max_steps=1), quiet=True)
     path = tmp_path / "a" / "ckpt.pt"

@@ -44,8 +44,8 @@ def main():
                    help="model size (see model.py); cpu is sized for minutes of a CPU (README, presets)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the checkpoint's)")
     a = p.parse_args()
-    if not a.minutes > 0 or (a.steps is not None and a.steps < 1):
-        p.error("--minutes must be positive and --steps at least 1")
+    if not 0 < a.minutes < float("inf") or (a.steps is not None and a.steps < 1):
+        p.error("--minutes must be positive and finite, and --steps at least 1")
     try:
         corpus = a.corpus
         if corpus is None:

@@ -20,7 +20,7 @@ import sys
 import torch
 
 import checkpoint
-from data import UserError, read_lines
+from data import UserError, read_lines, seed_arg
 from diffusion import DiffusionConfig
 from sample import generate
 
@@ -76,7 +76,7 @@ def main(argv=None):
     m.add_argument("--sampler", default=DiffusionConfig.sampler, help="update rule (a name in diffusion.SAMPLERS)")
     m.add_argument("--spacing", default="", help="step spacing (a name in diffusion.SPACINGS; default: the checkpoint's)")
     m.add_argument("--temperature", type=float, default=DiffusionConfig.temperature, help="interpolation temperature")
-    m.add_argument("--seed", type=int, default=0, help="seed: the same seed gives the same samples")
+    m.add_argument("--seed", type=seed_arg, default=0, help="seed: the same seed gives the same samples")
     a = p.parse_args(argv)
     for sp in (b, m):
         sp.error = p.error

@@ -8,6 +8,7 @@ and, in training with an open rate, gap_length: > 0 at the marker of a gap of op
 
 Rows of similar length are batched together, so little compute is spent on padding.
 """
+import argparse
 import ast
 import math
 import os
@@ -22,6 +23,13 @@ from tokenizer import EOS, PAD
 
 class UserError(Exception):
     """A mistake the user can fix. The entry points print it as one line and exit non-zero."""
+
+
+def seed_arg(text: str) -> int:
+    """argparse type of --seed: seeds feed generators as (seed x a million + step), so keep them small."""
+    if not text.isdigit() or int(text) >= 2**32:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number from 0 to {2**32 - 1}")
+    return int(text)
 
 
 def read_lines(path: str) -> list[str]:

@@ -27,7 +27,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 import checkpoint
 from device import pick_device
-from data import Corpus, UserError, collapse_gaps, read_lines
+from data import Corpus, UserError, collapse_gaps, read_lines, seed_arg
 from diffusion import SAMPLERS, SPACINGS, Diffusion, DiffusionConfig, get_sampler, get_spacing
 from judge import diffusion_tokenizer, load_judge, perplexity
 from sample import generate
@@ -385,7 +385,7 @@ def main(argv=None):
                    help="the same, for infilling and gaps of open length")
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance weight for infilling (1: none)")
     p.add_argument("--snap", type=float, default=DiffusionConfig.snap, help="below this t, step with the likeliest token's embedding")
-    p.add_argument("--seed", type=int, default=0, help="seed of every draw: the same seed gives the same numbers")
+    p.add_argument("--seed", type=seed_arg, default=0, help="seed of every draw: the same seed gives the same numbers")
     p.add_argument("--batch-size", type=int, default=64, help="lines or samples a batch")
     p.add_argument("--json", default="", help="also write the results to this file")
     p.add_argument("--no-ema", action="store_true", help="use the trained weights, not their moving average")

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import checkpoint
-from data import Batches, Corpus, UserError, read_lines, split_valid
+from data import Batches, Corpus, UserError, read_lines, seed_arg, split_valid
 from model import PRESETS, FeedForward, ModelConfig, get_preset
 from tokenizer import BOS, Tokenizer
 from device import autocast, pick_device, use_bf16
@@ -196,7 +196,7 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=64, help="lines per step")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
-    p.add_argument("--seed", type=int, default=0, help="seed for initialisation and data order")
+    p.add_argument("--seed", type=seed_arg, default=0, help="seed for initialisation and data order")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: one per core)")
     a = p.parse_args(argv)

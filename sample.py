@@ -26,7 +26,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 import checkpoint
 from device import pick_device
-from data import UserError
+from data import UserError, seed_arg
 from diffusion import SAMPLERS, SPACINGS
 from tokenizer import EOS, PAD
 
@@ -184,7 +184,7 @@ def main():
                    "with the others is kept (default: the checkpoint's, 8 for templates in new ones; 1 otherwise)")
     p.add_argument("--snap", type=float, help="below this t, step with the likeliest token's embedding (default: the checkpoint's)")
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance weight: 1 plain, 0 ignores the template's words, >1 follows them harder")
-    p.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same output")
+    p.add_argument("--seed", type=seed_arg, default=0, help="random seed: the same seed gives the same output")
     p.add_argument("--length", type=int, help="tokens per text, EOS included (default: drawn from the training lengths)")
     p.add_argument("--gap-length", type=int, default=6, help="tokens in a [gap] without a number")
     p.add_argument("--show-steps", action="store_true", help="print the text decoded at intermediate steps (the first candidate of each text)")

@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import checkpoint
-from data import Batches, Corpus, UserError, mask_mixture, read_lines, split_valid
+from data import Batches, Corpus, UserError, mask_mixture, read_lines, seed_arg, split_valid
 from device import PRECISIONS, all_sum, autocast, check_in_sync, setup_distributed, use_bf16
 from diffusion import SAMPLERS, SCHEDULES, TIME_DRAWS, Diffusion, DiffusionConfig, TimeWarp
 from model import BACKBONES, PRESETS, build_model, get_preset
@@ -429,7 +429,7 @@ def parse_args(argv=None) -> TrainConfig:
     p.add_argument("--open-rate", type=float, default=d.open_rate,
                    help="share of rows that teach how long a hidden span is, from the words around it: [gap:..N] needs it")
     p.add_argument("--ema", type=float, default=d.ema, help="decay of the weights' moving average that samples use (0: none)")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed for initialisation, data order and noise")
+    p.add_argument("--seed", type=seed_arg, default=d.seed, help="seed for initialisation, data order and noise")
     p.add_argument("--device", default=d.device, help="auto, cpu, cuda or mps")
     p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (0: one per core)")
     p.add_argument("--precision", default=d.precision, choices=PRECISIONS,

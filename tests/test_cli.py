@@ -104,6 +104,7 @@ def test_bad_checkpoints_and_templates(run_dir, tmp_path):
         one_line_error(run("sample.py", "--ckpt", ckpt, "--device", "cuda", check=False), "--device cuda")
     one_line_error(run("sample.py", "--ckpt", ckpt, "--device", "tpu", check=False), "--device tpu")
     one_line_error(run("sample.py", "--ckpt", ckpt, "--prefix", "the [gap:3] fox", check=False), "--template")
+    one_line_error(run("sample.py", "--ckpt", ckpt, "--seed", str(2**64), check=False), "--seed")
 
 
 def test_outputs_never_overwrite_inputs(run_dir, corpus_file, tmp_path):

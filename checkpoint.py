@@ -74,8 +74,8 @@ def save(path: str, keep: int | None = None, **state):
         os.remove(os.path.join(folder, old))
 
 
-def check_writable(out: str, need_bytes: int):
-    """Fail before training, not after an hour of it, if checkpoints cannot be written."""
+def check_writable(out: str, need_bytes: int, flag: str = "--out"):
+    """Fail before training, not after an hour of it, if checkpoints cannot be written to folder `out`."""
     try:
         os.makedirs(out, exist_ok=True)
         probe = os.path.join(out, ".write-test")
@@ -83,7 +83,7 @@ def check_writable(out: str, need_bytes: int):
             f.write(b"0")
         os.remove(probe)
     except OSError as e:
-        raise UserError(f"--out {out}: cannot write there ({e.strerror})") from None
+        raise UserError(f"{flag} {out}: cannot write there ({e.strerror})") from None
     free = shutil.disk_usage(out).free
     if free < 2 * need_bytes:
         raise UserError(f"--out {out}: {free / 2**20:.0f} MiB free, a checkpoint needs about {need_bytes / 2**20:.0f} MiB (twice that while writing)")

@@ -13,6 +13,7 @@ per label and guidance weight and reports the share that name their label's area
 neither. Any labelled corpus works the same way with `sample.py --prefix "<label>" --guidance W`.
 """
 import argparse
+import math
 import os
 import re
 import sys
@@ -83,17 +84,23 @@ def main(argv=None):
     torch.set_num_threads(os.cpu_count() or 1)
     try:
         if a.command == "build":
+            checkpoint.check_output("--out", a.out, (a.corpus,))
             lines = build(read_lines(a.corpus))
             if not lines:
                 raise UserError(f"{a.corpus}: no line names exactly one of the areas {', '.join(LABELS)} stand for")
-            os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-            with open(a.out, "w", encoding="utf-8") as f:
-                f.write("\n".join(lines) + "\n")
+            try:
+                os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+                with open(a.out, "w", encoding="utf-8") as f:
+                    f.write("\n".join(lines) + "\n")
+            except OSError as e:
+                raise UserError(f"--out {a.out}: {e.strerror}") from None
             counts = {label: sum(line.startswith(label + " ") for line in lines) for label in LABELS}
             print(f"wrote {len(lines)} labelled lines to {a.out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
             return
-        if a.num_samples < 1:
-            raise UserError("--num-samples must be at least 1")
+        if a.num_samples < 1 or (a.steps is not None and a.steps < 1):
+            raise UserError("--num-samples and --steps must be at least 1")
+        if not all(math.isfinite(w) for w in a.guidance) or not 0 < a.temperature < math.inf:
+            raise UserError("--guidance must be finite and --temperature positive and finite")
         ckpt = checkpoint.load(a.ckpt)
         tok, _, diffusion = checkpoint.build(ckpt)
     except UserError as e:

@@ -30,7 +30,7 @@ from device import pick_device
 from data import Corpus, UserError, collapse_gaps, read_lines, seed_arg
 from diffusion import SAMPLERS, SPACINGS, Diffusion, DiffusionConfig, get_sampler, get_spacing
 from judge import diffusion_tokenizer, load_judge, perplexity
-from sample import generate
+from sample import generate, quiet_stdout
 from tokenizer import BOS, EOS, PAD
 
 TIMES = (0.1, 0.3, 0.5, 0.7, 0.9)
@@ -435,21 +435,27 @@ def main(argv=None):
         train_lines = read_lines(train_path) if a.train or (train_path and os.path.isfile(train_path)) else None
         if a.json:
             checkpoint.check_output("--json", a.json, (train_path,))
-        if a.json and not os.path.isdir(os.path.dirname(os.path.abspath(a.json))):
-            raise UserError(f"--json {a.json}: no such folder")
+        if a.json:  # before the work, not after it
+            if not os.path.isdir(os.path.dirname(os.path.abspath(a.json))):
+                raise UserError(f"--json {a.json}: no such folder")
+            checkpoint.check_writable(os.path.dirname(os.path.abspath(a.json)), 0, "--json folder")
         r = evaluate(diffusion, tok, valid_lines, judge, train_lines, ckpt.get("length_hist"), a.num_lines,
                      a.num_samples, a.steps, a.sampler, a.seed, a.batch_size, a.spacing, a.guidance, a.temperature,
                      a.snap, a.infill_temperature, a.infill_spacing, a.infill_steps, a.infill_candidates)
     except UserError as e:
         sys.exit(f"error: {e}")
     r["settings"].update(checkpoint_step=ckpt.get("step"), train_file=train_path if train_lines else None)
-    print(table(r))
-    if a.json:
+    if a.json:  # first: a reader of the table that goes away (`| head`) must not cost the results
         try:
             with open(a.json, "w") as f:
                 json.dump(r, f, indent=2)
         except OSError as e:
             sys.exit(f"error: --json {a.json}: {e.strerror}")
+    try:
+        print(table(r))
+        sys.stdout.flush()
+    except BrokenPipeError:
+        quiet_stdout()
 
 
 if __name__ == "__main__":

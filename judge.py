@@ -217,7 +217,8 @@ def main(argv=None):
         tok, max_len = diffusion_tokenizer(ckpt, a.ckpt)
         lines = read_lines(a.corpus)
         run = ckpt.get("train_config", {})
-        if not run.get("valid") and os.path.abspath(run.get("corpus", "")) == os.path.abspath(a.corpus):
+        same = os.path.isfile(run.get("corpus", "")) and os.path.samefile(run["corpus"], a.corpus)
+        if not run.get("valid") and same:
             # train.py held out a share of this corpus: the judge must not learn those lines either
             lines = split_valid(lines, seed=run.get("seed", 0))[0]
         valid = read_lines(a.valid) if a.valid else None

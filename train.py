@@ -226,7 +226,7 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
             checkpoint.save(ckpt_path, keep=cfg.keep, model=model.state_dict(), optimizer=opt.state_dict(), step=step,
                             elapsed=elapsed_before + time.time() - start, batches=batches.state(),
                             rng={"cpu": torch.get_rng_state()}, tokenizer=tok.model_bytes,
-                            length_hist=corpus.length_histogram(), train_config=asdict(cfg),
+                            length_hist=corpus.length_histogram(), train_config={**asdict(cfg), "corpus": os.path.abspath(cfg.corpus)},  # found from any folder
                             **({"ema": ema} if ema is not None else {}),
                             time_warp=warp.loss,
                             **checkpoint.configs(mcfg, dcfg))

@@ -108,8 +108,8 @@ def test_bad_checkpoints_and_templates(run_dir, tmp_path):
 
 
 def test_outputs_never_overwrite_inputs(run_dir, corpus_file, tmp_path):
-    """--json of evaluate.py and --out of judge.py that name an input file end before any work, and
-    the file is left as it was."""
+    """--json of evaluate.py, --out of judge.py and of conditional.py build that name an input file
+    end before any work, and the file is left as it was."""
     ckpt = tmp_path / "ckpt.pt"
     ckpt.write_bytes((run_dir / "out" / "ckpt.pt").read_bytes())
     before = ckpt.read_bytes()
@@ -120,6 +120,10 @@ def test_outputs_never_overwrite_inputs(run_dir, corpus_file, tmp_path):
     one_line_error(run("judge.py", "--corpus", corpus_file, "--ckpt", str(ckpt), "--out", str(tmp_path),
                        "--max-steps", "2", check=False), "folder")
     assert ckpt.read_bytes() == before
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(open(corpus_file).read())
+    one_line_error(run("conditional.py", "build", "--corpus", str(corpus), "--out", str(corpus), check=False), "input")
+    assert corpus.read_text() == open(corpus_file).read()
 
 
 def test_tokenizer_out_may_name_the_model_file(corpus_file, tmp_path):

@@ -418,8 +418,6 @@ def main(argv=None):
     except ValueError as e:
         sys.exit(f"error: {e}")
     try:
-        if a.json:
-            checkpoint.check_output("--json", a.json, (a.ckpt, a.valid, a.judge, a.train))
         ckpt = checkpoint.load(a.ckpt)
         diffusion_tokenizer(ckpt, a.ckpt)  # a judge or a foreign file given as --ckpt: a clear error
         tok, _, diffusion = checkpoint.build(ckpt, pick_device(a.device), ema=not a.no_ema)
@@ -433,9 +431,8 @@ def main(argv=None):
             judge = load_judge(a.judge, next(diffusion.model.parameters()).device, (tok, a.ckpt))[1]
         train_path = a.train or ckpt.get("train_config", {}).get("corpus", "")
         train_lines = read_lines(train_path) if a.train or (train_path and os.path.isfile(train_path)) else None
-        if a.json:
-            checkpoint.check_output("--json", a.json, (train_path,))
         if a.json:  # before the work, not after it
+            checkpoint.check_output("--json", a.json, (a.ckpt, a.valid, a.judge, train_path))
             if not os.path.isdir(os.path.dirname(os.path.abspath(a.json))):
                 raise UserError(f"--json {a.json}: no such folder")
             checkpoint.check_writable(os.path.dirname(os.path.abspath(a.json)), 0, "--json folder")

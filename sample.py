@@ -31,6 +31,7 @@ from diffusion import SAMPLERS, SPACINGS
 from tokenizer import EOS, PAD
 
 GAP = re.compile(r"\[gap(?::([^\]]*))?\]")
+MARKER = re.compile(r"\[\s*gap\b[^\]]*\]?", re.IGNORECASE)  # anything meant as a gap, well written or not
 
 
 def parse_template(template: str, tok, max_len: int, gap_length: int = 6, open_lengths=None):
@@ -40,7 +41,7 @@ def parse_template(template: str, tok, max_len: int, gap_length: int = 6, open_l
     A gap of open length is one marker (a context position holding PAD, data.collapse_gaps) whose
     length the model tells (Diffusion.gap_lengths); or, given `open_lengths` (an iterator), a gap
     of the next of them."""
-    stray = re.search(r"\[\s*gap\b[^\]]*\]?", GAP.sub("", template), re.IGNORECASE)
+    stray = MARKER.search(GAP.sub("", template))
     if stray:
         raise UserError(f"bad gap {stray[0][:40]!r} in template: write [gap], [gap:N] or [gap:..N], closed by ]")
     ids, cond, pos, gaps, up_to = [], [], 0, [], []
@@ -126,7 +127,7 @@ def generate(diffusion, tok, templates=None, prefix=None, num_samples=1, steps=N
     if templates:
         templates = [t for t in templates for _ in range(num_samples)]
     else:
-        if prefix and re.search(r"\[\s*gap\b", prefix, re.IGNORECASE):
+        if prefix and MARKER.search(prefix):
             raise UserError("a prefix is plain text to continue; give text with gaps as a template (--template)")
         n_prefix = len(tok.encode(prefix)) if prefix else 0
         if n_prefix + 2 > max_len:

@@ -18,7 +18,8 @@ import torch
 from tqdm import tqdm
 
 from data import UserError
-from diffusion import Diffusion, DiffusionConfig, TimeWarp
+from diffusion import Diffusion, DiffusionConfig
+from timewarp import TimeWarp
 from model import ModelConfig, build_model
 from tokenizer import Tokenizer
 

@@ -23,9 +23,10 @@ from tqdm import tqdm
 import checkpoint
 from data import Batches, Corpus, UserError, mask_mixture, read_lines, seed_arg, split_valid
 from device import PRECISIONS, all_sum, autocast, check_in_sync, setup_distributed, use_bf16
-from diffusion import SAMPLERS, SCHEDULES, TIME_DRAWS, Diffusion, DiffusionConfig, TimeWarp
+from diffusion import SAMPLERS, SCHEDULES, Diffusion, DiffusionConfig
 from model import BACKBONES, PRESETS, build_model, get_preset
 from sample import generate
+from timewarp import TIME_DRAWS, TimeWarp
 from tokenizer import Tokenizer, train_tokenizer
 
 

@@ -5,8 +5,9 @@ import torch
 
 import checkpoint
 from data import UserError
-from diffusion import SPACINGS, Diffusion, DiffusionConfig, TimeWarp
+from diffusion import SPACINGS, Diffusion, DiffusionConfig
 from model import Estimator, tiny
+from timewarp import TimeWarp
 
 
 def test_save_then_load_gives_identical_outputs(tok, tmp_path):

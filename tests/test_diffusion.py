@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from diffusion import (GAP_WEIGHT, SAMPLERS, SCHEDULES, SPACINGS, Diffusion, DiffusionConfig, TimeWarp, consensus,
-                       get_sampler)
+from diffusion import GAP_WEIGHT, SAMPLERS, SCHEDULES, SPACINGS, Diffusion, DiffusionConfig, consensus, get_sampler
 from model import Estimator, tiny
+from timewarp import TimeWarp
 
 V = 40
 

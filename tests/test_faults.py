@@ -15,7 +15,7 @@ import checkpoint
 import train as train_mod
 from conftest import ROOT
 from data import UserError
-from diffusion import TimeWarp
+from timewarp import TimeWarp
 from sample import fill_template, parse_template
 from train import TrainConfig, train
 

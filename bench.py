@@ -10,7 +10,6 @@ timings, taken before and after the model's: MFU errs low, never high.
 """
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -19,7 +18,8 @@ import torch
 
 from diffusion import Diffusion, DiffusionConfig
 from model import PRESETS, build_model, get_preset
-from device import PRECISIONS, autocast, use_bf16
+from data import run, threads_arg
+from device import PRECISIONS, autocast, set_threads, use_bf16
 
 
 def median_time(fn, warmup: int, repeats: int) -> float:
@@ -75,13 +75,13 @@ def main():
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--warmup", type=int, default=3, help="untimed runs first")
     p.add_argument("--repeats", type=int, default=7, help="timed runs; the median is reported")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: one per core)")
+    p.add_argument("--threads", type=threads_arg, default=0, help="torch CPU threads (0: one per core)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--json", help="also write the results to this file")
     a = p.parse_args()
     if min(a.batch_size, a.length, a.steps, a.sample_batch, a.repeats) < 1:
         p.error("sizes, steps and repeats must be at least 1")
-    torch.set_num_threads(a.threads or os.cpu_count() or 1)
+    set_threads(a.threads)
     torch.manual_seed(0)
     dev = torch.device(a.device)
     cfg = get_preset(a.preset)
@@ -139,4 +139,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -101,7 +101,12 @@ def check_output(flag: str, path: str, inputs) -> None:
 
 
 def load(path: str, map_location="cpu") -> dict:
-    """Load and check a checkpoint; any problem is a UserError with one clear line."""
+    """Load and check a checkpoint (a run's folder means its ckpt.pt); any problem is a UserError with
+    one clear line."""
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "ckpt.pt")):
+        path = os.path.join(path, "ckpt.pt")
+    if os.path.isdir(path):
+        raise UserError(f"{path}: a folder without ckpt.pt; give a checkpoint written by train.py")
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such checkpoint")
     with open(path, "rb") as f:

@@ -18,10 +18,9 @@ import os
 import re
 import sys
 
-import torch
-
 import checkpoint
-from data import UserError, read_lines, seed_arg
+from data import UserError, read_lines, run, seed_arg
+from device import set_threads
 from diffusion import DiffusionConfig
 from sample import generate
 
@@ -81,7 +80,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     for sp in (b, m):
         sp.error = p.error
-    torch.set_num_threads(os.cpu_count() or 1)
+    set_threads()
     try:
         if a.command == "build":
             checkpoint.check_output("--out", a.out, (a.corpus,))
@@ -117,4 +116,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

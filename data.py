@@ -10,10 +10,10 @@ Rows of similar length are batched together, so little compute is spent on paddi
 """
 import argparse
 import ast
-import math
 import os
 import random
 import re
+import sys
 import sysconfig
 
 import torch
@@ -32,6 +32,34 @@ def seed_arg(text: str) -> int:
     return int(text)
 
 
+def threads_arg(text: str) -> int:
+    """--threads: 0 (one per core) to 1024; far more threads than any machine has crash OpenMP."""
+    if not text.isdigit() or int(text) > 1024:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number from 0 (one per core) to 1024")
+    return int(text)
+
+
+def run(main):
+    """Run a script's main(): Ctrl-C outside training's own handler ends in one line (exit 130), a
+    reader of stdout that goes away (`| head`) ends it quietly, and text that stdout's encoding
+    cannot hold (a cp1252 redirect on Windows) prints as '?'."""
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="replace")
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except BrokenPipeError:
+        quiet_stdout()
+        sys.exit(1)
+
+
+def quiet_stdout():
+    """After the reader of a pipe has gone: no second error when Python flushes stdout at exit."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def read_lines(path: str) -> list[str]:
     """Non-empty, stripped lines of a UTF-8 file; a clear UserError for anything else."""
     try:
@@ -47,7 +75,7 @@ def read_lines(path: str) -> list[str]:
         line = raw[: e.start].count(b"\n") + 1
         raise UserError(f"{path}, line {line}: not UTF-8 (byte {raw[e.start]:#04x}); "
                         f"convert it, for example with iconv -f latin1 -t utf-8") from None
-    lines = [s.strip() for s in text.split("\n")]
+    lines = [s.strip() for s in text.replace("\r\n", "\n").replace("\r", "\n").split("\n")]  # any line ending
     lines = [s for s in lines if s]
     if not lines:
         raise UserError(f"{path}: no text (the file is empty or only blank lines)")
@@ -84,6 +112,12 @@ class Corpus:
 
     def __len__(self):
         return len(self.ids)
+
+    def note_cropped(self, what: str = "lines"):
+        """One line on stderr if any line was cropped to the model's length."""
+        if self.cropped:
+            print(f"note: {self.cropped} of {len(self)} {what} were longer than {self.max_len - 1} tokens and "
+                  f"were cropped", file=sys.stderr)
 
     def length_histogram(self) -> list[int]:
         """hist[n] = number of lines with n tokens (EOS included): the sampler draws lengths from it."""

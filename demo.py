@@ -11,10 +11,9 @@ import os
 import random
 import sys
 
-import torch
-
 import checkpoint
-from data import UserError, read_lines, split_valid, stdlib_sentences
+from data import UserError, read_lines, run, split_valid, stdlib_sentences
+from device import set_threads
 from model import PRESETS
 from sample import generate
 from train import TrainConfig, train
@@ -91,8 +90,10 @@ def main():
         print(f"\nmore: python sample.py --ckpt {a.out}/ckpt.pt --template \"... [gap] ...\" --show-steps")
     except UserError as e:
         sys.exit(f"error: {e}")
+    except OSError as e:  # --out names a file, or a folder we may not write
+        sys.exit(f"error: --out {a.out}: {e.strerror}")
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(os.cpu_count() or 1)
-    main()
+    set_threads()
+    run(main)

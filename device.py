@@ -32,6 +32,12 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
+def set_threads(n: int = 0):
+    """torch's CPU threads: n, or with 0 the cores shared among this machine's processes (torchrun
+    starts LOCAL_WORLD_SIZE of them; one each would oversubscribe the cores)."""
+    torch.set_num_threads(n or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+
+
 def bf16_matmul_speedup(n: int = 256, repeats: int = 5) -> float:
     """How many times faster an n x n matmul runs in bfloat16 than in float32 on this CPU (best of
     `repeats`). Above 1 on CPUs with AVX512-BF16 or AMX; far below 1 elsewhere, where bf16 is emulated."""

@@ -26,11 +26,11 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 import checkpoint
-from device import pick_device
-from data import Corpus, UserError, collapse_gaps, read_lines, seed_arg
+from device import pick_device, set_threads
+from data import Corpus, UserError, collapse_gaps, quiet_stdout, read_lines, run, seed_arg, threads_arg
 from diffusion import SAMPLERS, SPACINGS, Diffusion, DiffusionConfig, get_sampler, get_spacing
 from judge import diffusion_tokenizer, load_judge, perplexity
-from sample import generate, quiet_stdout
+from sample import generate
 from tokenizer import BOS, EOS, PAD
 
 TIMES = (0.1, 0.3, 0.5, 0.7, 0.9)
@@ -264,6 +264,7 @@ def evaluate(diffusion, tok, valid_lines, judge=None, train_lines=None, length_h
     pick = torch.randperm(len(valid_lines), generator=torch.Generator().manual_seed(seed))[:num_lines]
     lines = [valid_lines[i] for i in sorted(pick.tolist())]
     corpus = Corpus(lines, tok, max_len)
+    corpus.note_cropped("held-out lines")
     # training lines as a sample would spell them: cropped to the model's length, decoded, spaces collapsed
     train_set = None
     if train_lines:
@@ -390,29 +391,31 @@ def main(argv=None):
     p.add_argument("--json", default="", help="also write the results to this file")
     p.add_argument("--no-ema", action="store_true", help="use the trained weights, not their moving average")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: one per core)")
+    p.add_argument("--threads", type=threads_arg, default=0, help="torch CPU threads (0: one per core)")
     a = p.parse_args(argv)
     if a.compare:
-        try:
-            results = []
-            for path in a.compare:
+        results = []
+        for path in a.compare:
+            try:
                 with open(path) as f:
                     results.append(json.load(f))
-            print(compare(*results))
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            sys.exit(f"error: --compare: {e}")
+                numbers(results[-1])  # every number it should hold
+            except OSError as e:
+                sys.exit(f"error: --compare {path}: {e.strerror}")
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                sys.exit(f"error: --compare {path}: not a result of evaluate.py --json ({type(e).__name__}: {e})")
+        print(compare(*results))
         return
     if not a.ckpt or not a.valid:
         p.error("give --ckpt and --valid (or --compare BEFORE AFTER)")
-    if min(a.num_lines, a.num_samples, a.steps, a.infill_steps, a.batch_size) < 1 or a.threads < 0 \
+    if min(a.num_lines, a.num_samples, a.steps, a.infill_steps, a.batch_size) < 1 \
             or (a.infill_candidates is not None and a.infill_candidates < 1) \
             or not all(0 < x < math.inf for x in (a.temperature, a.infill_temperature)):
         p.error("--num-lines, --num-samples, --steps, --infill-steps, --infill-candidates and --batch-size must be at least 1; "
-                "--threads not negative; "
                 "--temperature and --infill-temperature positive and finite")
     if not math.isfinite(a.guidance) or not math.isfinite(a.snap):
         p.error("--guidance and --snap must be finite")
-    torch.set_num_threads(a.threads or os.cpu_count() or 1)
+    set_threads(a.threads)
     try:
         get_sampler(a.sampler), [get_spacing(s) for s in (a.spacing, a.infill_spacing) if s]
     except ValueError as e:
@@ -436,6 +439,8 @@ def main(argv=None):
             if not os.path.isdir(os.path.dirname(os.path.abspath(a.json))):
                 raise UserError(f"--json {a.json}: no such folder")
             checkpoint.check_writable(os.path.dirname(os.path.abspath(a.json)), 0, "--json folder")
+        if train_lines and os.path.samefile(train_path, a.valid):
+            print("note: --valid is the training corpus: the numbers are on lines trained on", file=sys.stderr)
         r = evaluate(diffusion, tok, valid_lines, judge, train_lines, ckpt.get("length_hist"), a.num_lines,
                      a.num_samples, a.steps, a.sampler, a.seed, a.batch_size, a.spacing, a.guidance, a.temperature,
                      a.snap, a.infill_temperature, a.infill_spacing, a.infill_steps, a.infill_candidates)
@@ -456,4 +461,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -20,10 +20,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import checkpoint
-from data import Batches, Corpus, UserError, read_lines, seed_arg, split_valid
+from data import Batches, Corpus, UserError, read_lines, run, seed_arg, split_valid, threads_arg
 from model import PRESETS, FeedForward, ModelConfig, get_preset
 from tokenizer import BOS, Tokenizer
-from device import autocast, pick_device, use_bf16
+from device import autocast, pick_device, set_threads, use_bf16
 from train import TrainConfig, lr_at
 
 
@@ -198,17 +198,17 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
     p.add_argument("--seed", type=seed_arg, default=0, help="seed for initialisation and data order")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: one per core)")
+    p.add_argument("--threads", type=threads_arg, default=0, help="torch CPU threads (0: one per core)")
     a = p.parse_args(argv)
-    if a.max_steps < 0 or a.max_minutes < 0 or a.warmup < 0 or a.threads < 0:
-        p.error("--max-steps, --max-minutes, --warmup and --threads must not be negative")
+    if a.max_steps < 0 or a.max_minutes < 0 or a.warmup < 0:
+        p.error("--max-steps, --max-minutes and --warmup must not be negative")
     if a.batch_size < 1 or not a.lr > 0:
         p.error("--batch-size must be at least 1 and --lr positive")
     if not a.max_steps and not a.max_minutes:
         p.error("give --max-steps or --max-minutes (or both)")
     if not math.isfinite(a.max_minutes) or not math.isfinite(a.lr):
         p.error("--max-minutes and --lr must be finite")
-    torch.set_num_threads(a.threads or os.cpu_count() or 1)
+    set_threads(a.threads)
     torch.manual_seed(a.seed)
     try:
         device = pick_device(a.device)
@@ -227,6 +227,7 @@ def main(argv=None):
         cfg.vocab_size, cfg.max_len = tok.vocab_size, max_len
         judge = CausalLM(cfg).to(device)
         corpus = Corpus(lines, tok, max_len)
+        corpus.note_cropped()
         n_params = sum(p.numel() for p in judge.parameters())
         print(f"judge: {n_params / 1e6:.2f} M parameters, {len(corpus)} lines, device {device}")
         steps = fit(judge, corpus, a.max_steps, a.max_minutes, a.batch_size, a.lr, a.warmup, a.seed, quiet=False)
@@ -239,4 +240,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

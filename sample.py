@@ -17,7 +17,6 @@ lengths. One result a line.
 """
 import argparse
 import math
-import os
 import re
 import sys
 
@@ -25,8 +24,8 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 import checkpoint
-from device import pick_device
-from data import UserError, seed_arg
+from device import pick_device, set_threads
+from data import UserError, quiet_stdout, run, seed_arg, threads_arg
 from diffusion import SAMPLERS, SPACINGS
 from tokenizer import EOS, PAD
 
@@ -78,8 +77,8 @@ def parse_template(template: str, tok, max_len: int, gap_length: int = 6, open_l
     up_to.append(0)
     need = len(ids) + sum(n - 1 for n in up_to if n)  # a gap of open length may take all its N
     if need > max_len:
-        raise UserError(f"template needs {need} tokens (EOS included) but the model takes at most {max_len}; "
-                        f"shorten it or its gaps")
+        raise UserError(f"template {template[:60]!r} needs {need} tokens (EOS included) but the model takes at most "
+                        f"{max_len}; shorten it or its gaps")
     return ids, cond, gaps, up_to
 
 
@@ -103,7 +102,7 @@ def draw_lengths(n, hist, gen, min_len=1):
 
 def generate(diffusion, tok, templates=None, prefix=None, num_samples=1, steps=None, sampler=None, seed=0,
              length=None, lengths_from=None, gap_length=6, batch_size=64, on_step=None, spacing=None,
-             guidance=1.0, temperature=None, snap=None, candidates=None) -> list[str]:
+             guidance=1.0, temperature=None, snap=None, candidates=None, on_texts=None) -> list[str]:
     """Sample texts; the Python face of this script.
 
     templates: list of template strings -> num_samples fills of each, template after template
@@ -115,7 +114,7 @@ def generate(diffusion, tok, templates=None, prefix=None, num_samples=1, steps=N
     spacing, temperature and candidates are the checkpoint's infill_* ones for templates, its
     steps, spacing and temperature and one candidate for a prefix or no context. A gap of open
     length ([gap:..N]) gets the length the model tells (Diffusion.gap_lengths), the same for every
-    sample, then is filled."""
+    sample, then is filled. on_texts, if given, is called with each batch's texts as they are done."""
     model = diffusion.model
     max_len = model.cfg.max_len
     device = next(model.parameters()).device
@@ -155,6 +154,8 @@ def generate(diffusion, tok, templates=None, prefix=None, num_samples=1, steps=N
                                candidates=candidates)
         texts += [fill_template(t, tok, row, gaps) for t, row, (_, _, gaps, _)
                   in zip(templates[i: i + step], out.tolist(), chunk)]
+        if on_texts:
+            on_texts(texts[i:])
     return texts
 
 
@@ -191,14 +192,12 @@ def main():
     p.add_argument("--show-steps", action="store_true", help="print the text decoded at intermediate steps (the first candidate of each text)")
     p.add_argument("--no-ema", action="store_true", help="use the trained weights, not their moving average")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: one per core)")
+    p.add_argument("--threads", type=threads_arg, default=0, help="torch CPU threads (0: one per core)")
     a = p.parse_args()
     for name in ("num_samples", "steps", "gap_length", "length", "candidates"):
         value = getattr(a, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
-    if a.threads < 0:
-        p.error("--threads must not be negative")
     if a.candidates is not None and a.candidates > 64:
         p.error("--candidates must be at most 64: the draws of one text are sampled in one batch")
     if a.temperature is not None and not 0 < a.temperature < math.inf:
@@ -209,7 +208,7 @@ def main():
         p.error("--length is for samples and prefixes; a template's length is its own")
     if a.template and a.prefix or a.template_file and a.prefix:
         p.error("give templates or a prefix, not both")
-    torch.set_num_threads(a.threads or os.cpu_count() or 1)
+    set_threads(a.threads)
     try:
         templates = list(a.template)
         if a.template_file:
@@ -229,29 +228,20 @@ def main():
                 if (i + 1) % every == 0 or i == 0:
                     for row in ids[::candidates].tolist():  # the first candidate of each text
                         print(f"[step {i + 1:>3}/{steps}] {tok.decode(row)}")
-        texts = generate(diffusion, tok, templates=templates, prefix=a.prefix, num_samples=a.num_samples,
-                         steps=steps, sampler=a.sampler or None, seed=a.seed, length=a.length,
-                         lengths_from=ckpt.get("length_hist"), gap_length=a.gap_length, on_step=on_step,
-                         spacing=a.spacing or None, guidance=a.guidance, temperature=a.temperature, snap=a.snap,
-                         candidates=candidates)
+        def show(texts):  # each batch as it is done: a long template file shows progress, and Ctrl-C keeps it
+            print(*texts, sep="\n", flush=True)
+
+        generate(diffusion, tok, templates=templates, prefix=a.prefix, num_samples=a.num_samples,
+                 steps=steps, sampler=a.sampler or None, seed=a.seed, length=a.length,
+                 lengths_from=ckpt.get("length_hist"), gap_length=a.gap_length, on_step=on_step,
+                 spacing=a.spacing or None, guidance=a.guidance, temperature=a.temperature, snap=a.snap,
+                 candidates=candidates, on_texts=show)
     except UserError as e:
         sys.exit(f"error: {e}")
     except ValueError as e:  # an unknown sampler or spacing name
         sys.exit(f"error: {e}")
-    except BrokenPipeError:  # --show-steps into `| head`
-        return quiet_stdout()
-    try:
-        for text in texts:
-            print(text)
-        sys.stdout.flush()
     except BrokenPipeError:  # `| head`: the reader has what it wanted
         quiet_stdout()
 
-
-def quiet_stdout():
-    """After the reader of a pipe has gone: no second error when Python flushes stdout at exit."""
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-
-
 if __name__ == "__main__":
-    main()
+    run(main)

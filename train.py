@@ -21,8 +21,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import checkpoint
-from data import Batches, Corpus, UserError, mask_mixture, read_lines, seed_arg, split_valid
-from device import PRECISIONS, all_sum, autocast, check_in_sync, setup_distributed, use_bf16
+from data import Batches, Corpus, UserError, mask_mixture, quiet_stdout, read_lines, run, seed_arg, split_valid, threads_arg
+from device import PRECISIONS, all_sum, autocast, check_in_sync, set_threads, setup_distributed, use_bf16
 from diffusion import SAMPLERS, SCHEDULES, Diffusion, DiffusionConfig
 from model import BACKBONES, PRESETS, build_model, get_preset
 from sample import generate
@@ -107,7 +107,7 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
     (seed, k), and the batches from a resumable order: a resumed run, and a run split over
     several processes, compute what one uninterrupted process would."""
     torch.manual_seed(cfg.seed)
-    torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
+    set_threads(cfg.threads)
     rank, world, device = setup_distributed(cfg.device)
     silent = quiet  # the same on every process: skip validation too
     quiet = quiet or rank != 0
@@ -126,6 +126,8 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
     lines = read_lines(cfg.corpus)
     if cfg.valid:
         train_lines, valid_lines = lines, read_lines(cfg.valid)
+        if os.path.samefile(cfg.valid, cfg.corpus) and not quiet:
+            print("note: --valid is --corpus: the validation numbers are on lines trained on", file=sys.stderr)
     else:
         train_lines, valid_lines = split_valid(lines, seed=cfg.seed)
 
@@ -176,8 +178,8 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
         # the saved data position counts lines of the corpus it was trained on
         raise UserError(f"{ckpt_path} was trained on other lines than --corpus {cfg.corpus} gives now "
                         f"(their lengths differ); resume with that corpus, or start a new run in another --out")
-    if corpus.cropped and rank == 0:
-        print(f"note: {corpus.cropped} of {len(corpus)} lines were longer than {mcfg.max_len - 1} tokens and were cropped", file=sys.stderr)
+    if rank == 0:
+        corpus.note_cropped()
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if rank == 0:
         checkpoint.check_writable(cfg.out, n_params * 4 * 3 * (1 + cfg.keep))
@@ -268,25 +270,30 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
         for k, v in parts.items():  # summed on the device: no host sync every step
             sums[k] = sums.get(k, 0) + v.detach()
 
-        if step % cfg.log_every == 0:
-            keys = sorted(sums)
-            total = all_sum(torch.stack([sums[k].float().cpu() for k in keys]), world)
-            logged = {k: v.item() / summed for k, v in zip(keys, total)}
-            if not math.isfinite(logged["loss"]):
-                bar.close()
-                raise diverged()
-            tok_s = world * tokens / (time.time() - t_log)
-            bar.set_postfix(loss=f"{logged['loss']:.3f}", mse=f"{logged['mse']:.3f}", ce=f"{logged['ce']:.3f}",
-                            acc=f"{logged['acc']:.3f}", **({"gap_ce": f"{logged['gap_ce']:.2f}"} if cfg.open_rate else {}),
-                            tok_s=f"{tok_s:.0f}", lr=f"{lr:.1e}")
-            logged["tokens_per_s"] = tok_s
-            sums, summed, tokens, t_log = {}, 0, 0, time.time()
-        bar.update(1)
+        try:
+            if step % cfg.log_every == 0:
+                keys = sorted(sums)
+                total = all_sum(torch.stack([sums[k].float().cpu() for k in keys]), world)
+                logged = {k: v.item() / summed for k, v in zip(keys, total)}
+                if not math.isfinite(logged["loss"]):
+                    bar.close()
+                    raise diverged()
+                tok_s = world * tokens / (time.time() - t_log)
+                bar.set_postfix(loss=f"{logged['loss']:.3f}", mse=f"{logged['mse']:.3f}", ce=f"{logged['ce']:.3f}",
+                                acc=f"{logged['acc']:.3f}", **({"gap_ce": f"{logged['gap_ce']:.2f}"} if cfg.open_rate else {}),
+                                tok_s=f"{tok_s:.0f}", lr=f"{lr:.1e}")
+                logged["tokens_per_s"] = tok_s
+                sums, summed, tokens, t_log = {}, 0, 0, time.time()
+            bar.update(1)
 
-        if step % cfg.eval_every == 0:
-            save()  # first: nothing that goes wrong while reporting may cost the checkpoint
-            report(diffusion, tok, corpus, valid, device, step, silent, rank, world, bf16)
-            t_log, tokens = time.time(), 0  # evaluation time is not training time
+            if step % cfg.eval_every == 0:
+                save()  # first: nothing that goes wrong while reporting may cost the checkpoint
+                report(diffusion, tok, corpus, valid, device, step, silent, rank, world, bf16)
+                t_log, tokens = time.time(), 0  # evaluation time is not training time
+        except BrokenPipeError:  # the reader of stdout went away (`train.py | head`): save and stop, as on Ctrl-C
+            quiet_stdout()
+            print(f"stdout was closed: stopping at step {step}, saving a checkpoint", file=sys.stderr)
+            stopper.stop = True
     bar.close()
     save()
     report(diffusion, tok, corpus, valid, device, step, silent, rank, world, bf16)
@@ -432,7 +439,7 @@ def parse_args(argv=None) -> TrainConfig:
     p.add_argument("--ema", type=float, default=d.ema, help="decay of the weights' moving average that samples use (0: none)")
     p.add_argument("--seed", type=seed_arg, default=d.seed, help="seed for initialisation, data order and noise")
     p.add_argument("--device", default=d.device, help="auto, cpu, cuda or mps")
-    p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (0: one per core)")
+    p.add_argument("--threads", type=threads_arg, default=d.threads, help="torch CPU threads (0: one per core)")
     p.add_argument("--precision", default=d.precision, choices=PRECISIONS,
                    help="bf16 autocast or float32; auto: bf16 on CUDA and on CPUs where it measures faster")
     p.add_argument("--compile", action="store_true", help="torch.compile the network (pays on GPUs; see README)")
@@ -441,7 +448,7 @@ def parse_args(argv=None) -> TrainConfig:
     for name in ("batch_size", "eval_every", "log_every", "vocab_size", "grad_accum", "keep"):
         if getattr(cfg, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
-    for name in ("max_steps", "max_minutes", "warmup", "max_len", "threads", "weight_decay", "stop_at_step", "embed_dim"):
+    for name in ("max_steps", "max_minutes", "warmup", "max_len", "weight_decay", "stop_at_step", "embed_dim"):
         if getattr(cfg, name) < 0:
             p.error(f"--{name.replace('_', '-')} must not be negative")
     if not 0 <= cfg.uncond_rate <= 1:
@@ -472,4 +479,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

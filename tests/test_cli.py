@@ -132,6 +132,26 @@ def test_tokenizer_out_may_name_the_model_file(corpus_file, tmp_path):
     one_line_error(run("tokenizer.py", "--corpus", corpus_file, "--out", str(tmp_path), check=False), "folder")
 
 
+def test_run_folder_threads_and_odd_stdout(run_dir, tmp_path):
+    """--ckpt may name the run's folder; --threads is bounded; a stdout that cannot encode the text
+    gets '?' for what it cannot hold; --compare names the file it cannot read."""
+    p = run("sample.py", "--ckpt", str(run_dir / "out"), "--num-samples", "2", "--steps", "2")
+    assert len(p.stdout.strip("\n").split("\n")) == 2
+    one_line_error(run("sample.py", "--ckpt", str(tmp_path), check=False), "folder")
+    ckpt = str(run_dir / "out" / "ckpt.pt")
+    one_line_error(run("sample.py", "--ckpt", ckpt, "--threads", "5000", check=False), "--threads")
+    p = subprocess.run([sys.executable, "sample.py", "--ckpt", ckpt, "--template", "caf\u00e9 [gap:2] \u65e5\u672c",
+                        "--steps", "2", "--num-samples", "1"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONIOENCODING": "ascii"})
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr
+    assert p.stdout.startswith("caf? ") and p.stdout.rstrip().endswith(" ??")
+    (tmp_path / "bad.json").write_text("{}")
+    one_line_error(run("evaluate.py", "--compare", str(tmp_path / "bad.json"), str(tmp_path / "bad.json"), check=False),
+                   "bad.json", "not a result")
+    one_line_error(run("evaluate.py", "--compare", str(tmp_path / "none.json"), str(tmp_path / "bad.json"), check=False),
+                   "none.json")
+
+
 class Payload:
     def __reduce__(self):
         return (os.system, (f"touch {Payload.target}",))

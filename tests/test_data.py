@@ -16,6 +16,8 @@ def test_read_lines_bad_input(tmp_path):
         read_lines(str(tmp_path / "latin1.txt"))
     (tmp_path / "crlf.txt").write_bytes(b"one\r\n\r\ntwo  \r\n")
     assert read_lines(str(tmp_path / "crlf.txt")) == ["one", "two"]
+    (tmp_path / "cr.txt").write_bytes(b"one\rtwo\r\rthree")  # classic Mac OS line endings
+    assert read_lines(str(tmp_path / "cr.txt")) == ["one", "two", "three"]
 
 
 def test_split_valid_is_fixed_and_disjoint():

@@ -138,6 +138,23 @@ def test_sigint_saves_and_exits_cleanly(corpus_file, tok_file, tmp_path):
     assert checkpoint.load(str(tmp_path / "ckpt.pt"))["step"] > 0
 
 
+def test_a_closed_stdout_saves_and_stops(corpus_file, tok_file, tmp_path):
+    """`train.py | head`: when the reader of stdout goes away, the run saves where it is and stops."""
+    args = [sys.executable, "train.py", "--corpus", corpus_file, "--tokenizer", tok_file, "--out", str(tmp_path),
+            "--preset", "tiny", "--batch-size", "8", "--max-steps", "100000", "--eval-every", "2"]
+    p = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = "-"
+    while line and "sample:" not in line:  # a report's samples: in the training loop, a checkpoint at stake
+        line = p.stdout.readline()
+    assert line, p.stderr.read()
+    p.stdout.close()  # the reader has what it wanted
+    err = p.stderr.read()
+    assert p.wait(timeout=120) == 0, err
+    assert "Traceback" not in err and "stdout was closed" in err, err
+    step = int(err.split("stopping at step ")[1].split(",")[0])
+    assert checkpoint.load(str(tmp_path / "ckpt.pt"))["step"] == step > 2
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.text(max_size=300))
 def test_fuzz_templates(tok, text):

@@ -1,7 +1,7 @@
 import pytest
 
 from conftest import SENTENCES
-from tokenizer import BOS, EOS, PAD, UNK, Tokenizer
+from tokenizer import BOS, EOS, PAD, UNK, Tokenizer, train_tokenizer
 
 
 def test_special_ids(tok):
@@ -27,3 +27,12 @@ def test_encode_is_deterministic_unless_asked(tok):
 def test_rejects_garbage_model():
     with pytest.raises(ValueError):
         Tokenizer(b"this is not a sentencepiece model")
+
+
+def test_lines_longer_than_sentencepiece_takes(tmp_path):
+    """SentencePiece skips lines over 4,192 bytes unless told otherwise; a corpus of whole documents
+    a line must still train a tokenizer that knows its words."""
+    lines = [" ".join(["alpha beta gamma delta"] * 300) + f" {i}" for i in range(5)]  # ~7,000 bytes each
+    tok = train_tokenizer(lines, 40, str(tmp_path / "long"))
+    assert tok.decode(tok.encode("gamma delta alpha")) == "gamma delta alpha"
+    assert len(tok.encode("gamma delta alpha")) <= 3  # learnt as pieces, not spelt letter by letter

@@ -134,12 +134,17 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
     if resume is not None:
         # settings that define the model, the noise or the data: a resumed run must keep them
         before = resume.get("train_config", {})
+        shape = resume.get("model_config", {})
         for key in ("preset", "max_len", "embed_dim", "backbone", "schedule", "noise_scale", "uncond_rate", "sampler",
-                    "self_cond_rate", "skip", "open_rate", "batch_size"):
-            if key in before and before[key] != getattr(cfg, key):
+                    "self_cond_rate", "skip", "open_rate", "batch_size", "seed"):
+            now = getattr(cfg, key)
+            if key in ("max_len", "embed_dim") and key in shape:  # 0 stands for the preset's: compare the model's
+                before = {**before, key: shape[key]}
+                now = now or getattr(get_preset(cfg.preset), key)
+            if key in before and before[key] != now:
                 hint = " (--grad-accum takes less memory a step for the same batch)" if key == "batch_size" else ""
                 raise UserError(f"{ckpt_path} was trained with --{key.replace('_', '-')} {before[key]}; resuming "
-                                f"with {getattr(cfg, key)} would not continue that run: use the same value or another --out{hint}")
+                                f"with {now} would not continue that run: use the same value or another --out{hint}")
         if not all(k in resume["model"] for k in checkpoint.WEIGHTS_ADDED_LATER):
             raise UserError(f"{ckpt_path} was written by an older version, without the gap-length head; "
                             f"it samples as it did, but a run cannot resume from it: use another --out")

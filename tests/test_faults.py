@@ -207,6 +207,12 @@ def test_resuming_with_another_model_setting_is_refused(corpus_file, tok_file, t
     shorter.write_text("\n".join(open(corpus_file).read().splitlines()[:-5]) + "\n")
     with pytest.raises(UserError, match="other lines"):
         train(config(str(shorter), tok_file, out, max_steps=4), quiet=True)
+    with pytest.raises(UserError, match="--seed 3"):  # the noise of every later step would differ
+        train(config(corpus_file, tok_file, out, max_steps=4, seed=4, valid=corpus_file), quiet=True)
+    with pytest.raises(UserError, match="--max-len 64; resuming with 32"):
+        train(config(corpus_file, tok_file, out, max_steps=4, max_len=32), quiet=True)
+    train(config(corpus_file, tok_file, out, max_steps=3, max_len=64, embed_dim=16), quiet=True)  # the preset's: the same
+    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"] == 3
 
 
 def test_a_judge_in_out_is_not_resumed(corpus_file, tok_file, tmp_path):

@@ -97,9 +97,10 @@ class Corpus:
     """A corpus tokenised once: `self.ids[i]` is line i's ids, cropped to max_len - 1, then EOS."""
 
     def __init__(self, lines: list[str], tok, max_len: int):
-        self.ids, self.cropped = [], 0
+        self.ids, self.cropped, self.longest = [], 0, 0  # longest: in tokens before cropping, EOS included
         for line in lines:
             ids = tok.encode(line)
+            self.longest = max(self.longest, len(ids) + 1)
             if len(ids) > max_len - 1:
                 ids, self.cropped = ids[: max_len - 1], self.cropped + 1
             self.ids.append(ids + [EOS])
@@ -113,11 +114,11 @@ class Corpus:
     def __len__(self):
         return len(self.ids)
 
-    def note_cropped(self, what: str = "lines"):
+    def note_cropped(self, what: str = "lines", hint: str = ""):
         """One line on stderr if any line was cropped to the model's length."""
         if self.cropped:
             print(f"note: {self.cropped} of {len(self)} {what} were longer than {self.max_len - 1} tokens and "
-                  f"were cropped", file=sys.stderr)
+                  f"were cropped (the longest: {self.longest}, EOS included){hint}", file=sys.stderr)
 
     def length_histogram(self) -> list[int]:
         """hist[n] = number of lines with n tokens (EOS included): the sampler draws lengths from it."""

@@ -184,7 +184,7 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
         raise UserError(f"{ckpt_path} was trained on other lines than --corpus {cfg.corpus} gives now "
                         f"(their lengths differ); resume with that corpus, or start a new run in another --out")
     if rank == 0:
-        corpus.note_cropped()
+        corpus.note_cropped(hint="; --max-len sets the model's length" if resume is None else "")
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if rank == 0:
         checkpoint.check_writable(cfg.out, n_params * 4 * 3 * (1 + cfg.keep))

@@ -113,6 +113,14 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
     quiet = quiet or rank != 0
     if cfg.batch_size % (world * cfg.grad_accum):
         raise UserError(f"--batch-size {cfg.batch_size} must split evenly over {world} processes x {cfg.grad_accum} accumulation steps")
+    lines = read_lines(cfg.corpus)  # first: a mistake here leaves no empty --out folder behind
+    if cfg.valid:
+        train_lines, valid_lines = lines, read_lines(cfg.valid)
+        if os.path.samefile(cfg.valid, cfg.corpus) and not quiet:
+            print("note: --valid is --corpus: the validation numbers are on lines trained on", file=sys.stderr)
+    else:
+        train_lines, valid_lines = split_valid(lines, seed=cfg.seed)
+
     if rank == 0:
         checkpoint.check_writable(cfg.out, 0)
         for f in os.listdir(cfg.out):  # left by a process killed while writing a checkpoint
@@ -122,14 +130,6 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
     resume = checkpoint.load(ckpt_path) if os.path.exists(ckpt_path) else None
     if resume is not None and (resume.get("kind") == "judge" or "model_config" not in resume):
         raise UserError(f"{ckpt_path} is not a checkpoint written by train.py (a judge?); use another --out")
-
-    lines = read_lines(cfg.corpus)
-    if cfg.valid:
-        train_lines, valid_lines = lines, read_lines(cfg.valid)
-        if os.path.samefile(cfg.valid, cfg.corpus) and not quiet:
-            print("note: --valid is --corpus: the validation numbers are on lines trained on", file=sys.stderr)
-    else:
-        train_lines, valid_lines = split_valid(lines, seed=cfg.seed)
 
     if resume is not None:
         # settings that define the model, the noise or the data: a resumed run must keep them

@@ -68,6 +68,7 @@ def test_bad_corpus(tmp_path, corpus_file):
     (tmp_path / "empty.txt").write_text("")
     one_line_error(run("train.py", "--corpus", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "o"),
                        "--max-steps", "1", check=False), "no text")
+    assert not (tmp_path / "o").exists()  # a mistake in the corpus leaves no empty --out behind
     (tmp_path / "bad.txt").write_bytes(b"fine\n\xff\xfe broken\n")
     one_line_error(run("tokenizer.py", "--corpus", str(tmp_path / "bad.txt"), "--out", str(tmp_path / "t"),
                        check=False), "not UTF-8")

@@ -17,7 +17,7 @@ from dataclasses import asdict, fields
 import torch
 from tqdm import tqdm
 
-from data import UserError
+from data import UserError, quiet_stdout
 from diffusion import Diffusion, DiffusionConfig
 from timewarp import TimeWarp
 from model import ModelConfig, build_model
@@ -27,18 +27,25 @@ VERSION = 1
 
 
 class StopFlag:
-    """First SIGINT/SIGTERM: finish the step, save, exit. Second: exit at once."""
+    """First SIGINT/SIGTERM: finish the step, save, exit. Second: exit at once. `release()` gives the
+    signals back to the handlers from before, once training is over."""
 
     def __init__(self):
         self.stop = False
-        signal.signal(signal.SIGINT, self.handle)
-        signal.signal(signal.SIGTERM, self.handle)
+        self.before = signal.signal(signal.SIGINT, self.handle), signal.signal(signal.SIGTERM, self.handle)
 
     def handle(self, signum, frame):
         if self.stop:
             os._exit(130)
         self.stop = True
-        tqdm.write("stopping: saving a checkpoint (Ctrl-C again to quit at once)", file=sys.stderr)
+        try:
+            tqdm.write("stopping: saving a checkpoint (Ctrl-C again to quit at once)", file=sys.stderr)
+        except BrokenPipeError:  # Ctrl-C on `train.py | tee log` stops tee too: stdout, where the bar is, is gone
+            quiet_stdout()
+
+    def release(self):
+        signal.signal(signal.SIGINT, self.before[0])
+        signal.signal(signal.SIGTERM, self.before[1])
 
 
 def save(path: str, keep: int | None = None, **state):
@@ -92,19 +99,24 @@ def check_writable(out: str, need_bytes: int, flag: str = "--out"):
 
 def check_output(flag: str, path: str, inputs) -> None:
     """Fail before the work, not after it, if writing `path` would fail on a folder or destroy one
-    of the run's input files."""
+    of the run's input files (a run's folder as an input stands for its ckpt.pt)."""
     if os.path.isdir(path):
         raise UserError(f"{flag} {path} is a folder; give a file name")
-    for other in inputs:
-        if other and os.path.isfile(path) and os.path.isfile(other) and os.path.samefile(path, other):
+    for other in map(resolve, filter(None, inputs)):
+        if os.path.isfile(path) and os.path.isfile(other) and os.path.samefile(path, other):
             raise UserError(f"{flag} {path} is also an input of this run ({other}); writing it would destroy that")
+
+
+def resolve(path: str) -> str:
+    """--ckpt may name a run's folder: its ckpt.pt."""
+    inside = os.path.join(path, "ckpt.pt")
+    return inside if os.path.isdir(path) and os.path.isfile(inside) else path
 
 
 def load(path: str, map_location="cpu") -> dict:
     """Load and check a checkpoint (a run's folder means its ckpt.pt); any problem is a UserError with
     one clear line."""
-    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "ckpt.pt")):
-        path = os.path.join(path, "ckpt.pt")
+    path = resolve(path)
     if os.path.isdir(path):
         raise UserError(f"{path}: a folder without ckpt.pt; give a checkpoint written by train.py")
     if not os.path.isfile(path):

@@ -77,9 +77,9 @@ def main(argv=None):
     m.add_argument("--spacing", default="", help="step spacing (a name in diffusion.SPACINGS; default: the checkpoint's)")
     m.add_argument("--temperature", type=float, default=DiffusionConfig.temperature, help="interpolation temperature")
     m.add_argument("--seed", type=seed_arg, default=0, help="seed: the same seed gives the same samples")
-    a = p.parse_args(argv)
     for sp in (b, m):
         sp.error = p.error
+    a = p.parse_args(argv)
     set_threads()
     try:
         if a.command == "build":

@@ -27,14 +27,14 @@ class UserError(Exception):
 
 def seed_arg(text: str) -> int:
     """argparse type of --seed: seeds feed generators as (seed x a million + step), so keep them small."""
-    if not text.isdigit() or int(text) >= 2**32:
+    if not (text.isascii() and text.isdigit()) or int(text) >= 2**32:
         raise argparse.ArgumentTypeError(f"{text!r}: give a whole number from 0 to {2**32 - 1}")
     return int(text)
 
 
 def threads_arg(text: str) -> int:
     """--threads: 0 (one per core) to 1024; far more threads than any machine has crash OpenMP."""
-    if not text.isdigit() or int(text) > 1024:
+    if not (text.isascii() and text.isdigit()) or int(text) > 1024:
         raise argparse.ArgumentTypeError(f"{text!r}: give a whole number from 0 (one per core) to 1024")
     return int(text)
 
@@ -50,14 +50,17 @@ def run(main):
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
-    except BrokenPipeError:
+    except BrokenPipeError:  # the reader has what it wanted
         quiet_stdout()
-        sys.exit(1)
 
 
 def quiet_stdout():
-    """After the reader of a pipe has gone: no second error when Python flushes stdout at exit."""
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    """After the reader of a pipe has gone, later writes go nowhere (stderr's too, when it is the same
+    pipe: `2>&1 | head`), and Python's flush of stdout at exit raises no second error."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    if os.path.sameopenfile(sys.stdout.fileno(), sys.stderr.fileno()):
+        os.dup2(devnull, sys.stderr.fileno())
+    os.dup2(devnull, sys.stdout.fileno())
 
 
 def read_lines(path: str) -> list[str]:
@@ -72,7 +75,7 @@ def read_lines(path: str) -> list[str]:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
+        line = raw[: e.start].replace(b"\r\n", b"\n").replace(b"\r", b"\n").count(b"\n") + 1
         raise UserError(f"{path}, line {line}: not UTF-8 (byte {raw[e.start]:#04x}); "
                         f"convert it, for example with iconv -f latin1 -t utf-8") from None
     lines = [s.strip() for s in text.replace("\r\n", "\n").replace("\r", "\n").split("\n")]  # any line ending

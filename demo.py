@@ -90,8 +90,10 @@ def main():
         print(f"\nmore: python sample.py --ckpt {a.out}/ckpt.pt --template \"... [gap] ...\" --show-steps")
     except UserError as e:
         sys.exit(f"error: {e}")
+    except BrokenPipeError:  # `demo.py | head`: run() ends it quietly
+        raise
     except OSError as e:  # --out names a file, or a folder we may not write
-        sys.exit(f"error: --out {a.out}: {e.strerror}")
+        sys.exit(f"error: --out {a.out}: {e.strerror or e}")
 
 
 if __name__ == "__main__":

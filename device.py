@@ -35,7 +35,7 @@ def pick_device(name: str) -> torch.device:
 def set_threads(n: int = 0):
     """torch's CPU threads: n, or with 0 the cores shared among this machine's processes (torchrun
     starts LOCAL_WORLD_SIZE of them; one each would oversubscribe the cores)."""
-    torch.set_num_threads(n or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    torch.set_num_threads(n or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE") or 1)))
 
 
 def bf16_matmul_speedup(n: int = 256, repeats: int = 5) -> float:

@@ -218,7 +218,7 @@ def open_infilling(diffusion, corpus, steps, sampler, seed=0, batch_size=64, spa
             "length_mad": statistics.fmean(abs(a - b) for a, b in zip(fill_len, true_len)),
             # the reference a length guess must beat: the spans' own median length for every line
             "length_mad_median": statistics.fmean(abs(median - b) for b in true_len),
-            "length_corr": statistics.correlation(fill_len, true_len) if len(set(fill_len)) > 1 else 0.0,
+            "length_corr": statistics.correlation(fill_len, true_len) if min(len(set(fill_len)), len(set(true_len))) > 1 else 0.0,
             "aligned_acc": statistics.fmean(aligned_accuracy(f, t) for f, t in zip(fills, truths)),
             "exact": statistics.fmean(f == t for f, t in zip(fills, truths)), "lines": len(rows)}
 
@@ -404,7 +404,10 @@ def main(argv=None):
                 sys.exit(f"error: --compare {path}: {e.strerror}")
             except (ValueError, KeyError, TypeError, AttributeError) as e:
                 sys.exit(f"error: --compare {path}: not a result of evaluate.py --json ({type(e).__name__}: {e})")
-        print(compare(*results))
+        try:
+            print(compare(*results))
+        except TypeError as e:  # a value that is not a number
+            sys.exit(f"error: --compare: {' or '.join(a.compare)} holds a value that is not a number ({e})")
         return
     if not a.ckpt or not a.valid:
         p.error("give --ckpt and --valid (or --compare BEFORE AFTER)")

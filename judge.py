@@ -8,6 +8,7 @@ by their perplexity. Lower is closer to the corpus; compare with its perplexity 
 The diffusion model cannot score itself this way: it has no tractable likelihood.
 """
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import checkpoint
-from data import Batches, Corpus, UserError, read_lines, run, seed_arg, split_valid, threads_arg
+from data import Batches, Corpus, UserError, quiet_stdout, read_lines, run, seed_arg, split_valid, threads_arg
 from model import PRESETS, FeedForward, ModelConfig, get_preset
 from tokenizer import BOS, Tokenizer
 from device import autocast, pick_device, set_threads, use_bf16
@@ -140,9 +141,13 @@ def fit(judge, corpus: Corpus, max_steps=0, max_minutes=0.0, batch_size=64, lr=1
                     raise UserError(f"judge loss is {value} at step {step}; try a lower --lr")
                 bar.set_postfix(loss=f"{value:.3f}", ppl=f"{math.exp(min(value, 50)):.1f}")
             bar.update(1)
-    except KeyboardInterrupt:
-        tqdm.write("stopping: saving the judge as it is", file=sys.stderr)
-    bar.close()
+    except (KeyboardInterrupt, BrokenPipeError) as e:  # Ctrl-C, or stdout's reader gone (`| head`)
+        if isinstance(e, BrokenPipeError):
+            quiet_stdout()
+        with contextlib.suppress(OSError):
+            tqdm.write("stopping: saving the judge as it is", file=sys.stderr)
+    with contextlib.suppress(OSError):
+        bar.close()
     if not all(torch.isfinite(p).all() for p in params):
         raise UserError("the judge's loss diverged (not finite); nothing saved. Try a lower --lr")
     judge.eval()
@@ -216,11 +221,11 @@ def main(argv=None):
         ckpt = checkpoint.load(a.ckpt)
         tok, max_len = diffusion_tokenizer(ckpt, a.ckpt)
         lines = read_lines(a.corpus)
-        run = ckpt.get("train_config", {})
-        same = os.path.isfile(run.get("corpus", "")) and os.path.samefile(run["corpus"], a.corpus)
-        if not run.get("valid") and same:
+        trained = ckpt.get("train_config", {})
+        same = os.path.isfile(trained.get("corpus", "")) and os.path.samefile(trained["corpus"], a.corpus)
+        if not trained.get("valid") and same:
             # train.py held out a share of this corpus: the judge must not learn those lines either
-            lines = split_valid(lines, seed=run.get("seed", 0))[0]
+            lines = split_valid(lines, seed=trained.get("seed", 0))[0]
         valid = read_lines(a.valid) if a.valid else None
         checkpoint.check_writable(os.path.dirname(os.path.abspath(a.out)), 0)
         cfg = get_preset(a.preset)

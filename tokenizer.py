@@ -79,7 +79,7 @@ def train_tokenizer(lines: list[str], vocab_size: int, out: str, max_sentences: 
             pad_id=PAD, eos_id=EOS, bos_id=BOS, unk_id=UNK,
             character_coverage=0.9995, hard_vocab_limit=False,
             input_sentence_size=max_sentences, shuffle_input_sentence=True,
-            max_sentence_length=max(4192, *(len(s.encode()) for s in lines)),  # it skips longer lines
+            max_sentence_length=max([4192] + [len(s.encode()) for s in lines]),  # it skips longer lines
             num_threads=os.cpu_count() or 1, minloglevel=2,
         )
     except RuntimeError as e:  # e.g. a vocabulary smaller than the corpus's characters

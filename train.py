@@ -138,9 +138,10 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
         for key in ("preset", "max_len", "embed_dim", "backbone", "schedule", "noise_scale", "uncond_rate", "sampler",
                     "self_cond_rate", "skip", "open_rate", "batch_size", "seed"):
             now = getattr(cfg, key)
-            if key in ("max_len", "embed_dim") and key in shape:  # 0 stands for the preset's: compare the model's
+            if key in ("max_len", "embed_dim") and key in shape:  # 0: the model's own; a number: compare with it
+                if not now:
+                    continue
                 before = {**before, key: shape[key]}
-                now = now or getattr(get_preset(cfg.preset), key)
             if key in before and before[key] != now:
                 hint = " (--grad-accum takes less memory a step for the same batch)" if key == "batch_size" else ""
                 raise UserError(f"{ckpt_path} was trained with --{key.replace('_', '-')} {before[key]}; resuming "
@@ -247,6 +248,12 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
             p = max(p, (elapsed_before + time.time() - start) / (60 * cfg.max_minutes))
         return p
 
+    def stdout_closed():  # its reader went away: save and stop, as on Ctrl-C
+        stopper.stop = True
+        quiet_stdout()
+        with contextlib.suppress(OSError):
+            print(f"stdout was closed: stopping at step {step}, saving a checkpoint", file=sys.stderr)
+
     stopper = checkpoint.StopFlag()
     start = time.time()
     bar = tqdm(total=cfg.max_steps or None, initial=step, disable=quiet, dynamic_ncols=True, mininterval=1, file=sys.stdout)
@@ -275,7 +282,7 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
         for k, v in parts.items():  # summed on the device: no host sync every step
             sums[k] = sums.get(k, 0) + v.detach()
 
-        try:
+        try:  # the reader of stdout may go away (`train.py | head`): after the collectives, so all agree
             if step % cfg.log_every == 0:
                 keys = sorted(sums)
                 total = all_sum(torch.stack([sums[k].float().cpu() for k in keys]), world)
@@ -290,20 +297,28 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
                 logged["tokens_per_s"] = tok_s
                 sums, summed, tokens, t_log = {}, 0, 0, time.time()
             bar.update(1)
+        except BrokenPipeError:
+            stdout_closed()
 
-            if step % cfg.eval_every == 0:
-                save()  # first: nothing that goes wrong while reporting may cost the checkpoint
+        if step % cfg.eval_every == 0:
+            save()  # first: nothing that goes wrong while reporting may cost the checkpoint
+            try:
                 report(diffusion, tok, corpus, valid, device, step, silent, rank, world, bf16)
-                t_log, tokens = time.time(), 0  # evaluation time is not training time
-        except BrokenPipeError:  # the reader of stdout went away (`train.py | head`): save and stop, as on Ctrl-C
-            quiet_stdout()
-            print(f"stdout was closed: stopping at step {step}, saving a checkpoint", file=sys.stderr)
-            stopper.stop = True
-    bar.close()
-    save()
-    report(diffusion, tok, corpus, valid, device, step, silent, rank, world, bf16)
-    if not quiet:
-        print(f"saved {ckpt_path} at step {step}")
+            except BrokenPipeError:  # rank 0 writes after report's collectives
+                stdout_closed()
+            t_log, tokens = time.time(), 0  # evaluation time is not training time
+    stopper.release()
+    save()  # first: what follows writes to stdout, whose reader may have gone
+    try:
+        bar.close()
+    except BrokenPipeError:
+        quiet_stdout()
+    try:
+        report(diffusion, tok, corpus, valid, device, step, silent, rank, world, bf16)
+        if not quiet:
+            print(f"saved {ckpt_path} at step {step}")
+    except BrokenPipeError:
+        quiet_stdout()
     if world > 1:
         dist.destroy_process_group()
     return logged

@@ -116,6 +116,8 @@ def test_outputs_never_overwrite_inputs(run_dir, corpus_file, tmp_path):
     before = ckpt.read_bytes()
     one_line_error(run("evaluate.py", "--ckpt", str(ckpt), "--valid", corpus_file, "--json", str(ckpt), check=False),
                    "input")
+    one_line_error(run("evaluate.py", "--ckpt", str(tmp_path), "--valid", corpus_file, "--json", str(ckpt), check=False),
+                   "input")  # --ckpt the run's folder: its ckpt.pt
     one_line_error(run("judge.py", "--corpus", corpus_file, "--ckpt", str(ckpt), "--out", str(ckpt),
                        "--max-steps", "2", check=False), "input")
     one_line_error(run("judge.py", "--corpus", corpus_file, "--ckpt", str(ckpt), "--out", str(tmp_path),

@@ -8,6 +8,7 @@ stops at once.
 """
 import argparse
 import contextlib
+import inspect
 import json
 import math
 import os
@@ -172,8 +173,10 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
     model.train()
     if world > 1:
         # averages gradients over the processes in backward; the buffers are constants, and
-        # broadcasting them would make every forward (validation too) a collective step
-        diffusion.net = DDP(model, broadcast_buffers=False)
+        # broadcasting them would make every forward (validation too) a collective step (torch 2.13
+        # renamed the switch; the old name still works there, with a warning)
+        renamed = "forward_sync_buffers" in inspect.signature(DDP).parameters
+        diffusion.net = DDP(model, **{"forward_sync_buffers" if renamed else "broadcast_buffers": False})
     if cfg.compile:
         diffusion.net = torch.compile(diffusion.net)  # compiles on the first steps; see README, "Speed"
     bf16 = use_bf16(device, cfg.precision)

@@ -27,7 +27,7 @@ import checkpoint
 from device import pick_device, set_threads
 from data import UserError, quiet_stdout, run, seed_arg, threads_arg
 from diffusion import SAMPLERS, SPACINGS
-from tokenizer import EOS, PAD
+from tokenizer import EOS, PAD, UNK
 
 GAP = re.compile(r"\[gap(?::([^\]]*))?\]")
 MARKER = re.compile(r"\[\s*gap\b[^\]]*\]?", re.IGNORECASE)  # anything meant as a gap, well written or not
@@ -47,7 +47,7 @@ def parse_template(template: str, tok, max_len: int, gap_length: int = 6, open_l
     for m in GAP.finditer(template):
         text = template[pos: m.start()].strip()
         if text:
-            piece = tok.encode(text)
+            piece = encode_context(tok, template, pos, text)
             ids += piece
             cond += [True] * len(piece)
             up_to += [0] * len(piece)
@@ -68,7 +68,7 @@ def parse_template(template: str, tok, max_len: int, gap_length: int = 6, open_l
         raise UserError(f"template {template[:60]!r} has no gap: mark where text goes with [gap] or [gap:N]")
     text = template[pos:].strip()
     if text:
-        piece = tok.encode(text)
+        piece = encode_context(tok, template, pos, text)
         ids += piece
         cond += [True] * len(piece)
         up_to += [0] * len(piece)
@@ -80,6 +80,22 @@ def parse_template(template: str, tok, max_len: int, gap_length: int = 6, open_l
         raise UserError(f"template {template[:60]!r} needs {need} tokens (EOS included) but the model takes at most "
                         f"{max_len}; shorten it or its gaps")
     return ids, cond, gaps, up_to
+
+
+def encode_context(tok, template: str, pos: int, text: str) -> list[int]:
+    """The ids of `text`, the template's words from `pos`, as they tokenise within the whole line.
+    SentencePiece marks the start of every text it encodes as the start of a word ("▁"); right after
+    a gap with no space between ("[gap], a", "[gap]s", Chinese or Japanese), the line has no word
+    start there, so the mark goes: a lone "▁" piece is dropped, "▁s" becomes "s" where that is a piece."""
+    ids = tok.encode(text)
+    if pos == 0 or template[pos: pos + 1].isspace() or not ids:
+        return ids
+    first = tok.piece(ids[0])
+    if first == "\u2581":
+        return ids[1:]
+    if first.startswith("\u2581") and tok.sp.piece_to_id(first[1:]) != UNK:
+        return [tok.sp.piece_to_id(first[1:])] + ids[1:]
+    return ids
 
 
 def fill_template(template: str, tok, ids, gaps) -> str:

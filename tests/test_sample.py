@@ -5,7 +5,8 @@ from data import UserError
 from diffusion import Diffusion, DiffusionConfig
 from model import Estimator, tiny
 from sample import fill_template, generate, parse_template
-from tokenizer import EOS, PAD
+from conftest import SENTENCES
+from tokenizer import EOS, PAD, train_tokenizer
 
 
 def test_parse_template(tok):
@@ -17,6 +18,20 @@ def test_parse_template(tok):
     assert [b - a for a, b in gaps] == [3, 2] and hidden == [i for a, b in gaps for i in range(a, b)]
     given = [i for i, c in zip(ids, cond) if c][:-1]
     assert tok.decode(given) == "the red fox over the dog"
+
+
+def test_context_after_a_gap_tokenises_as_in_the_line(tmp_path):
+    """Words right after a gap with no space between ("[gap], over", "[gap].") get the ids they have
+    inside the whole line: no word-start mark that the line does not have there."""
+    tok = train_tokenizer([s.replace(" ", ", ", 1) + "." for s in SENTENCES], 200, str(tmp_path / "punct"))
+    for line, word in [("the red fox jumps, over the lazy dog.", "jumps"), ("the cold river runs past the mill.", "mill")]:
+        full = tok.encode(line)
+        start = len(tok.encode(line[: line.index(word)]))
+        end = len(tok.encode(line[: line.index(word) + len(word)]))
+        assert tok.encode(line[: line.index(word) + len(word)]) == full[:end]  # the premise: the word ends a piece
+        template = f"{line[: line.index(word)]}[gap:{end - start}]{line[line.index(word) + len(word):]}"
+        ids, cond, gaps, _ = parse_template(template, tok, max_len=64)
+        assert gaps == [(start, end)] and ids[end:-1] == full[end:], template
 
 
 def test_gap_at_the_edges(tok):

@@ -11,6 +11,7 @@ Special ids are fixed so that every part of the project can rely on them:
 """
 import argparse
 import os
+import re
 import sys
 import tempfile
 
@@ -83,6 +84,10 @@ def train_tokenizer(lines: list[str], vocab_size: int, out: str, max_sentences: 
             num_threads=os.cpu_count() or 1, minloglevel=2,
         )
     except RuntimeError as e:  # e.g. a vocabulary smaller than the corpus's characters
+        small = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", str(e))
+        if small:  # SentencePiece's own message names an option of its CLI, not of ours
+            raise ValueError(f"a vocabulary of {vocab_size} pieces is too small for this corpus's characters: "
+                             f"give --vocab-size {small[2]} or more") from None
         raise ValueError(f"SentencePiece could not train on this corpus: {str(e).splitlines()[0]}") from None
     finally:
         os.remove(tmp)

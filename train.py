@@ -187,6 +187,13 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
         # the saved data position counts lines of the corpus it was trained on
         raise UserError(f"{ckpt_path} was trained on other lines than --corpus {cfg.corpus} gives now "
                         f"(their lengths differ); resume with that corpus, or start a new run in another --out")
+    if not quiet:
+        if not valid_lines:
+            print(f"note: {len(lines)} lines are too few to hold 5% out: no validation numbers (give --valid)",
+                  file=sys.stderr)
+        if resume is None and not cfg.tokenizer and tok.vocab_size < cfg.vocab_size:
+            print(f"note: the tokenizer has {tok.vocab_size} pieces, not --vocab-size {cfg.vocab_size}: "
+                  f"the corpus is too small for more", file=sys.stderr)
     if rank == 0:
         corpus.note_cropped(hint="; --max-len sets the model's length" if resume is None else "")
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)

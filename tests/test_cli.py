@@ -133,6 +133,8 @@ def test_tokenizer_out_may_name_the_model_file(corpus_file, tmp_path):
     run("tokenizer.py", "--corpus", corpus_file, "--vocab-size", "150", "--out", str(tmp_path / "t.model"))
     assert sorted(os.listdir(tmp_path)) == ["t.model", "t.vocab"]
     one_line_error(run("tokenizer.py", "--corpus", corpus_file, "--out", str(tmp_path), check=False), "folder")
+    one_line_error(run("tokenizer.py", "--corpus", corpus_file, "--vocab-size", "8", "--out", str(tmp_path / "v"),
+                       check=False), "--vocab-size")  # in our words, not SentencePiece's (--character_coverage)
 
 
 def test_run_folder_threads_and_odd_stdout(run_dir, tmp_path):

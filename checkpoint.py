@@ -97,13 +97,37 @@ def check_writable(out: str, need_bytes: int, flag: str = "--out"):
         raise UserError(f"--out {out}: {free / 2**20:.0f} MiB free, a checkpoint needs about {need_bytes / 2**20:.0f} MiB (twice that while writing)")
 
 
+def check_resume(ckpt: dict, path: str, run: dict):
+    """Refuse to resume `ckpt` (at `path`) with the settings `run` (train.py's, as a dict) where they
+    would make it another run: the model's shape, the noise, the data order, the batch."""
+    if ckpt.get("kind") == "judge" or "model_config" not in ckpt:
+        raise UserError(f"{path} is not a checkpoint written by train.py (a judge?); use another --out")
+    before, shape = ckpt.get("train_config", {}), ckpt["model_config"]
+    for key in ("preset", "max_len", "embed_dim", "backbone", "schedule", "noise_scale", "uncond_rate", "sampler",
+                "self_cond_rate", "skip", "open_rate", "batch_size", "seed"):
+        was, now = before.get(key), run[key]
+        if key in ("max_len", "embed_dim"):  # 0: the model's own; a number: compare with the model's
+            if not now:
+                continue
+            was = shape[key]
+        if was is not None and was != now:
+            hint = " (--grad-accum takes less memory a step for the same batch)" if key == "batch_size" else ""
+            raise UserError(f"{path} was trained with --{key.replace('_', '-')} {was}; resuming with {now} would "
+                            f"not continue that run: use the same value or another --out{hint}")
+    if not all(k in ckpt["model"] for k in WEIGHTS_ADDED_LATER):
+        raise UserError(f"{path} was written by an older version, without the gap-length head; "
+                        f"it samples as it did, but a run cannot resume from it: use another --out")
+
+
 def check_output(flag: str, path: str, inputs) -> None:
     """Fail before the work, not after it, if writing `path` would fail on a folder or destroy one
     of the run's input files (a run's folder as an input stands for its ckpt.pt)."""
     if os.path.isdir(path):
         raise UserError(f"{flag} {path} is a folder; give a file name")
+    if not os.path.isfile(path):  # a new file destroys nothing
+        return
     for other in map(resolve, filter(None, inputs)):
-        if os.path.isfile(path) and os.path.isfile(other) and os.path.samefile(path, other):
+        if os.path.isfile(other) and os.path.samefile(path, other):
             raise UserError(f"{flag} {path} is also an input of this run ({other}); writing it would destroy that")
 
 

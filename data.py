@@ -10,6 +10,7 @@ Rows of similar length are batched together, so little compute is spent on paddi
 """
 import argparse
 import ast
+import contextlib
 import os
 import random
 import re
@@ -54,6 +55,18 @@ def run(main):
         quiet_stdout()
 
 
+@contextlib.contextmanager
+def stdout_may_close(then=None):
+    """Around writes to stdout that work must go on after: if its reader has gone (`| head`), later
+    writes go nowhere and `then()` runs (training: save and stop)."""
+    try:
+        yield
+    except BrokenPipeError:
+        quiet_stdout()
+        if then:
+            then()
+
+
 def quiet_stdout():
     """After the reader of a pipe has gone, later writes go nowhere (stderr's too, when it is the same
     pipe: `2>&1 | head`), and Python's flush of stdout at exit raises no second error."""
@@ -72,13 +85,14 @@ def read_lines(path: str) -> list[str]:
         raise UserError(f"{path}: no such file") from None
     except OSError as e:
         raise UserError(f"{path}: {e.strerror}") from None
+    raw = raw.replace(b"\r\n", b"\n").replace(b"\r", b"\n")  # any line ending
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = raw[: e.start].replace(b"\r\n", b"\n").replace(b"\r", b"\n").count(b"\n") + 1
+        line = raw[: e.start].count(b"\n") + 1
         raise UserError(f"{path}, line {line}: not UTF-8 (byte {raw[e.start]:#04x}); "
                         f"convert it, for example with iconv -f latin1 -t utf-8") from None
-    lines = [s.strip() for s in text.replace("\r\n", "\n").replace("\r", "\n").split("\n")]  # any line ending
+    lines = [s.strip() for s in text.split("\n")]
     lines = [s for s in lines if s]
     if not lines:
         raise UserError(f"{path}: no text (the file is empty or only blank lines)")

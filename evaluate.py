@@ -27,7 +27,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 import checkpoint
 from device import pick_device, set_threads
-from data import Corpus, UserError, collapse_gaps, quiet_stdout, read_lines, run, seed_arg, threads_arg
+from data import Corpus, UserError, collapse_gaps, read_lines, run, seed_arg, threads_arg
 from diffusion import SAMPLERS, SPACINGS, Diffusion, DiffusionConfig, get_sampler, get_spacing
 from judge import diffusion_tokenizer, load_judge, perplexity
 from sample import generate
@@ -405,7 +405,7 @@ def main(argv=None):
             except (ValueError, KeyError, TypeError, AttributeError) as e:
                 sys.exit(f"error: --compare {path}: not a result of evaluate.py --json ({type(e).__name__}: {e})")
         try:
-            print(compare(*results))
+            print(compare(*results), flush=True)
         except TypeError as e:  # a value that is not a number
             sys.exit(f"error: --compare: {' or '.join(a.compare)} holds a value that is not a number ({e})")
         return
@@ -456,11 +456,7 @@ def main(argv=None):
                 json.dump(r, f, indent=2)
         except OSError as e:
             sys.exit(f"error: --json {a.json}: {e.strerror}")
-    try:
-        print(table(r))
-        sys.stdout.flush()
-    except BrokenPipeError:
-        quiet_stdout()
+    print(table(r), flush=True)  # flushed here: a reader that goes away (`| head`) is then run()'s to end quietly
 
 
 if __name__ == "__main__":

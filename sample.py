@@ -25,7 +25,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 import checkpoint
 from device import pick_device, set_threads
-from data import UserError, quiet_stdout, run, seed_arg, threads_arg
+from data import UserError, run, seed_arg, threads_arg
 from diffusion import SAMPLERS, SPACINGS
 from tokenizer import EOS, PAD, UNK
 
@@ -256,8 +256,7 @@ def main():
         sys.exit(f"error: {e}")
     except ValueError as e:  # an unknown sampler or spacing name
         sys.exit(f"error: {e}")
-    except BrokenPipeError:  # `| head`: the reader has what it wanted
-        quiet_stdout()
+
 
 if __name__ == "__main__":
     run(main)

@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import checkpoint
-from data import Batches, Corpus, UserError, mask_mixture, quiet_stdout, read_lines, run, seed_arg, split_valid, threads_arg
+from data import Batches, Corpus, UserError, mask_mixture, read_lines, run, seed_arg, split_valid, stdout_may_close, threads_arg
 from device import PRECISIONS, all_sum, autocast, check_in_sync, set_threads, setup_distributed, use_bf16
 from diffusion import SAMPLERS, SCHEDULES, Diffusion, DiffusionConfig
 from model import BACKBONES, PRESETS, build_model, get_preset
@@ -129,27 +129,9 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
                 os.remove(os.path.join(cfg.out, f))
     ckpt_path = os.path.join(cfg.out, "ckpt.pt")
     resume = checkpoint.load(ckpt_path) if os.path.exists(ckpt_path) else None
-    if resume is not None and (resume.get("kind") == "judge" or "model_config" not in resume):
-        raise UserError(f"{ckpt_path} is not a checkpoint written by train.py (a judge?); use another --out")
 
     if resume is not None:
-        # settings that define the model, the noise or the data: a resumed run must keep them
-        before = resume.get("train_config", {})
-        shape = resume.get("model_config", {})
-        for key in ("preset", "max_len", "embed_dim", "backbone", "schedule", "noise_scale", "uncond_rate", "sampler",
-                    "self_cond_rate", "skip", "open_rate", "batch_size", "seed"):
-            now = getattr(cfg, key)
-            if key in ("max_len", "embed_dim") and key in shape:  # 0: the model's own; a number: compare with it
-                if not now:
-                    continue
-                before = {**before, key: shape[key]}
-            if key in before and before[key] != now:
-                hint = " (--grad-accum takes less memory a step for the same batch)" if key == "batch_size" else ""
-                raise UserError(f"{ckpt_path} was trained with --{key.replace('_', '-')} {before[key]}; resuming "
-                                f"with {now} would not continue that run: use the same value or another --out{hint}")
-        if not all(k in resume["model"] for k in checkpoint.WEIGHTS_ADDED_LATER):
-            raise UserError(f"{ckpt_path} was written by an older version, without the gap-length head; "
-                            f"it samples as it did, but a run cannot resume from it: use another --out")
+        checkpoint.check_resume(resume, ckpt_path, asdict(cfg))
         tok, model, diffusion = checkpoint.build(resume, device, ema=False)  # train on the trained weights
         if cfg.tokenizer and load_tokenizer(cfg.tokenizer).model_bytes != tok.model_bytes:
             raise UserError(f"{ckpt_path} was trained with another tokenizer than {cfg.tokenizer}; use another --out")
@@ -260,7 +242,6 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
 
     def stdout_closed():  # its reader went away: save and stop, as on Ctrl-C
         stopper.stop = True
-        quiet_stdout()
         with contextlib.suppress(OSError):
             print(f"stdout was closed: stopping at step {step}, saving a checkpoint", file=sys.stderr)
 
@@ -292,7 +273,7 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
         for k, v in parts.items():  # summed on the device: no host sync every step
             sums[k] = sums.get(k, 0) + v.detach()
 
-        try:  # the reader of stdout may go away (`train.py | head`): after the collectives, so all agree
+        with stdout_may_close(stdout_closed):  # `train.py | head`; it writes after the collectives, so all agree
             if step % cfg.log_every == 0:
                 keys = sorted(sums)
                 total = all_sum(torch.stack([sums[k].float().cpu() for k in keys]), world)
@@ -307,28 +288,20 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
                 logged["tokens_per_s"] = tok_s
                 sums, summed, tokens, t_log = {}, 0, 0, time.time()
             bar.update(1)
-        except BrokenPipeError:
-            stdout_closed()
 
         if step % cfg.eval_every == 0:
             save()  # first: nothing that goes wrong while reporting may cost the checkpoint
-            try:
+            with stdout_may_close(stdout_closed):  # rank 0 writes after report's collectives
                 report(diffusion, tok, corpus, valid, device, step, silent, rank, world, bf16)
-            except BrokenPipeError:  # rank 0 writes after report's collectives
-                stdout_closed()
             t_log, tokens = time.time(), 0  # evaluation time is not training time
     stopper.release()
     save()  # first: what follows writes to stdout, whose reader may have gone
-    try:
+    with stdout_may_close():
         bar.close()
-    except BrokenPipeError:
-        quiet_stdout()
-    try:
+    with stdout_may_close():
         report(diffusion, tok, corpus, valid, device, step, silent, rank, world, bf16)
         if not quiet:
             print(f"saved {ckpt_path} at step {step}")
-    except BrokenPipeError:
-        quiet_stdout()
     if world > 1:
         dist.destroy_process_group()
     return logged

@@ -1,5 +1,5 @@
 """Checkpoints: everything needed to sample or to resume, in one file, written atomically; and the
-Ctrl-C handler that lets a training run save before it stops.
+Ctrl-C (or closed terminal) handler that lets a training run save before it stops.
 
 A checkpoint holds the model and optimizer states, the step, the RNG states, every config as a plain
 dict and the tokenizer model's bytes: `sample.py` needs nothing else. Files are loaded with
@@ -17,7 +17,7 @@ from dataclasses import asdict, fields
 import torch
 from tqdm import tqdm
 
-from data import UserError, quiet_stdout
+from data import UserError, quiet_stdout, quiet_terminal
 from diffusion import Diffusion, DiffusionConfig
 from timewarp import TimeWarp
 from model import ModelConfig, build_model
@@ -27,25 +27,30 @@ VERSION = 1
 
 
 class StopFlag:
-    """First SIGINT/SIGTERM: finish the step, save, exit. Second: exit at once. `release()` gives the
-    signals back to the handlers from before, once training is over."""
+    """First SIGINT/SIGTERM/SIGHUP (a closed terminal): finish the step, save, exit. Second: exit at
+    once. `release()` gives the signals back to the handlers from before, once training is over."""
 
     def __init__(self):
         self.stop = False
-        self.before = signal.signal(signal.SIGINT, self.handle), signal.signal(signal.SIGTERM, self.handle)
+        signals = [signal.SIGINT, signal.SIGTERM]
+        if hasattr(signal, "SIGHUP") and signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # nohup: ignored
+            signals.append(signal.SIGHUP)
+        self.before = {s: signal.signal(s, self.handle) for s in signals}
 
     def handle(self, signum, frame):
         if self.stop:
             os._exit(130)
         self.stop = True
+        if signum == getattr(signal, "SIGHUP", None):
+            quiet_terminal()
         try:
             tqdm.write("stopping: saving a checkpoint (Ctrl-C again to quit at once)", file=sys.stderr)
         except BrokenPipeError:  # Ctrl-C on `train.py | tee log` stops tee too: stdout, where the bar is, is gone
             quiet_stdout()
 
     def release(self):
-        signal.signal(signal.SIGINT, self.before[0])
-        signal.signal(signal.SIGTERM, self.before[1])
+        for s, handler in self.before.items():
+            signal.signal(s, handler)
 
 
 def save(path: str, keep: int | None = None, **state):

@@ -14,6 +14,7 @@ import contextlib
 import os
 import random
 import re
+import stat
 import sys
 import sysconfig
 
@@ -74,6 +75,18 @@ def quiet_stdout():
     if os.path.sameopenfile(sys.stdout.fileno(), sys.stderr.fileno()):
         os.dup2(devnull, sys.stderr.fileno())
     os.dup2(devnull, sys.stdout.fileno())
+
+
+def quiet_terminal():
+    """After a hang-up (the terminal was closed), writes to it would fail: stdout and stderr that
+    went to it (a character device, not a file or a pipe) go nowhere from now on."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for fd in (1, 2):  # stdout, stderr
+        try:
+            if stat.S_ISCHR(os.fstat(fd).st_mode):
+                os.dup2(devnull, fd)
+        except OSError:  # closed already
+            pass
 
 
 def read_lines(path: str) -> list[str]:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from model import tied_cross_entropy
 from timewarp import TimeWarp
+from tokenizer import SPECIAL
 
 # Weight of the gap-length cross-entropy (averaged over the markers) in the loss. Its gradient on
 # the network is larger than the denoising loss's (measured on a trained model: 2-4 against 1-3):
@@ -345,7 +346,6 @@ class Diffusion:
         guided = guidance != 1.0 and bool(cond_mask.any())
         temperature = self.cfg.temperature if temperature is None else temperature
         snap = self.cfg.snap if snap is None else snap
-        no_pad = torch.ones_like(length_mask)  # PAD is never written
         if not temperature > 0:
             raise ValueError(f"temperature must be positive, not {temperature}")
         x0_ctx, x_cond = self.inputs(ids, cond_mask)
@@ -372,7 +372,10 @@ class Diffusion:
             else:
                 x0_hat = self.denoise(x_in, x_cond, x_self, t.expand(len(ids)), length_mask)
             # Step with the interpolated estimate: it lies among the token embeddings, where x0 lives.
-            x0_hat, best = self.model.interpolate(x0_hat, temperature, no_pad)
+            # Every position it writes holds a text token (the EOS of a row is always given), so
+            # padding, EOS, BOS and UNK get no probability: an UNK would print as "⁇", an EOS
+            # would cut the text short there.
+            x0_hat, best = self.model.interpolate(x0_hat, temperature, banned=SPECIAL)
             if s < snap:  # step with the likeliest token's own embedding
                 x0_hat = self.model.embeddings()[best]
             x_self, x_self_uncond = torch.where(cond, 0.0, x0_hat), x0_hat

@@ -226,22 +226,21 @@ class Denoiser(nn.Module):
         return x0_hat @ self.readout().t()
 
     @torch.no_grad()
-    def interpolate(self, x0_hat, temperature: float = 1.0, no_pad=None):
+    def interpolate(self, x0_hat, temperature: float = 1.0, banned=()):
         """(..., E) -> (softmax(logits / temperature) @ embeddings, argmax of the logits): the
         expected embedding under the model's token distribution (CDCD's score interpolation,
         Dieleman et al. 2022) and the most likely token. A temperature below 1 pulls the estimate
         towards the likeliest token's embedding. Computed a few hundred rows at a time, so the
         (rows, V) logits stay small: on a CPU, allocating the whole (B, L, V) tensor costs more
-        than the matmul. `no_pad` (...) True where the padding token (id 0) may not be chosen."""
+        than the matmul. `banned`: token ids given no probability and never chosen."""
         x = x0_hat.reshape(-1, x0_hat.shape[-1]).float()  # (N, E)
-        ban = None if no_pad is None else no_pad.reshape(-1)  # (N,)
+        banned = list(banned)
         emb = self.embeddings().float()  # (V, E), normalised once
         w = emb * (self.log_logit_scale.exp() / temperature)  # (V, E): readout() / temperature
         out, tokens = torch.empty_like(x), torch.empty(len(x), dtype=torch.long, device=x.device)
         for rows in row_chunks(len(x), len(w)):
             logits = x[rows] @ w.t()  # (n, V)
-            if ban is not None:
-                logits[:, 0].masked_fill_(ban[rows], float("-inf"))
+            logits[:, banned] = float("-inf")
             out[rows], tokens[rows] = logits.softmax(-1) @ emb, logits.argmax(-1)
         return out.view(x0_hat.shape), tokens.view(x0_hat.shape[:-1])
 

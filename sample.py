@@ -9,10 +9,11 @@ tokens, `[gap:..N]` one of up to N tokens: the model first reads the rest of the
 how many (checkpoints trained with --open-rate above 0, the default, have learnt to), then fills
 that many.
 The text around the gaps is kept word for word (runs of spaces become one); the text ends where the
-template ends. A gap's fill is whole words: it never glues onto the word before it. Each result is
+template ends. After a space a gap's fill starts a new word; right after text ("un[gap]", a prefix
+in Chinese), the model's first piece tells whether it starts a word or glues on. Each result is
 the consensus of --candidates draws (8 for templates in checkpoints trained now): the draw that
 agrees with the others on the most tokens, so results for one template often agree; --candidates 1
-gives varied ones. A prefix is continued as the template "PREFIX [gap:N]", N drawn from the training
+gives varied ones. A prefix is continued as the template "PREFIX[gap:N]", N drawn from the training
 lengths. One result a line.
 """
 import argparse
@@ -100,11 +101,17 @@ def encode_context(tok, template: str, pos: int, text: str) -> list[int]:
 
 def fill_template(template: str, tok, ids, gaps) -> str:
     """The template with each gap replaced by the decoded tokens the model put there. Each fill is
-    decoded on its own, so it cannot glue onto the words around it; the template's own spacing
-    stays, and the spaces around an empty fill become one; two gaps side by side are two words."""
-    fills = iter([tok.decode(ids[a:b]) for a, b in gaps])
-    template = re.sub(f"({GAP.pattern})(?=\\[gap)", r"\1 ", template)
-    return " ".join(GAP.sub(lambda m: next(fills), template).split())
+    decoded on its own, so it cannot glue onto the words after it; the template's own spacing stays,
+    and the spaces around an empty fill become one. Where the template has no space before a gap
+    (a prefix in Chinese, "un[gap]", two gaps side by side), the fill's first piece tells: one that
+    starts a word ("▁") is set apart by a space, another is glued on."""
+    def fill(m):
+        a, b = next(spans)
+        text = tok.decode(ids[a:b])
+        glued = m.start() > 0 and not template[m.start() - 1].isspace()
+        return " " + text if glued and text and tok.piece(ids[a]).startswith("\u2581") else text
+    spans = iter(gaps)
+    return " ".join(GAP.sub(fill, template).split())
 
 
 def draw_lengths(n, hist, gen, min_len=1):
@@ -151,7 +158,7 @@ def generate(diffusion, tok, templates=None, prefix=None, num_samples=1, steps=N
             raise UserError(f"--length {length} leaves no room after the {n_prefix}-token prefix")
         hist = lengths_from or [0, 0] + [1] * (max_len - 1)
         lengths = [length] * num_samples if length else draw_lengths(num_samples, hist, gen, n_prefix + 2)
-        templates = [f"{prefix or ''} [gap:{n - 1 - n_prefix}]" for n in lengths]
+        templates = [f"{prefix or ''}[gap:{n - 1 - n_prefix}]" for n in lengths]  # no space: fill_template's call
     unique, lengths = list(dict.fromkeys(templates)), {}
     marked = [parse_template(t, tok, max_len, gap_length) for t in unique]  # a marker for each gap of open length
     for i in range(0, len(unique), batch_size):  # gaps of open length: first how long (once a template)

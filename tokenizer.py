@@ -18,6 +18,7 @@ import tempfile
 import sentencepiece as spm
 
 PAD, EOS, BOS, UNK = 0, 1, 2, 3
+SPECIAL = (PAD, EOS, BOS, UNK)  # ids that are not text: the sampler never writes them
 
 
 class Tokenizer:

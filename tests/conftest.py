@@ -8,7 +8,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 torch.set_num_threads(2)
 
-from tokenizer import Tokenizer, train_tokenizer  # noqa: E402
+from tokenizer import train_tokenizer  # noqa: E402
 
 # Sixteen short sentences, each told apart by its words: a tiny model can memorise them.
 SENTENCES = [

@@ -4,6 +4,7 @@ import torch
 from diffusion import GAP_WEIGHT, SAMPLERS, SCHEDULES, SPACINGS, Diffusion, DiffusionConfig, consensus, get_sampler
 from model import Estimator, tiny
 from timewarp import TimeWarp
+from tokenizer import SPECIAL
 
 V = 40
 
@@ -306,12 +307,14 @@ def test_skip_keeps_what_x_t_shows():
     assert torch.allclose(at(d, 0.5), mid.sqrt() * x_t + (1 - mid).sqrt() * net(0.5), atol=1e-6)
 
 
-def test_padding_is_never_written():
+@pytest.mark.parametrize("special", SPECIAL)
+def test_special_tokens_are_never_written(special):
     d = make()
-    d.model.forward = lambda x_t, x_cond, x_self, t, mask: d.model.embeddings()[0].expand_as(x_t)  # always "PAD"
+    d.model.forward = lambda x_t, x_cond, x_self, t, mask: d.model.embeddings()[special].expand_as(x_t)
     ids, length_mask, cond_mask = batch()
     out = d.sample(ids, length_mask, cond_mask, steps=3, gen=torch.Generator().manual_seed(0))
-    assert (out[length_mask & ~cond_mask] != 0).all() and torch.equal(out[cond_mask], ids[cond_mask])
+    written = out[length_mask & ~cond_mask]
+    assert not torch.isin(written, torch.tensor(SPECIAL)).any() and torch.equal(out[cond_mask], ids[cond_mask])
 
 
 def test_gap_lengths_are_the_median_within_the_bound():

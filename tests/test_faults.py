@@ -160,6 +160,52 @@ def test_a_closed_stdout_saves_and_stops(corpus_file, tok_file, tmp_path, merged
     assert saved > 2  # after the first report's checkpoint: the steps since were saved too
 
 
+@pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pseudo-terminal")
+def test_a_closed_terminal_saves_and_stops(corpus_file, tok_file, tmp_path):
+    """The terminal that runs train.py is closed (a hang-up: SIGHUP, and writes to it fail): the run
+    saves where it is and exits 0, as on Ctrl-C."""
+    master, slave = os.openpty()
+    name = os.ttyname(slave)
+
+    def own_terminal():  # a new session whose controlling terminal is the pseudo-terminal
+        os.setsid()
+        fd = os.open(name, os.O_RDWR)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+    args = [sys.executable, "train.py", "--corpus", corpus_file, "--tokenizer", tok_file, "--out", str(tmp_path),
+            "--preset", "tiny", "--batch-size", "8", "--max-steps", "100000", "--eval-every", "20"]
+    p = subprocess.Popen(args, cwd=ROOT, stdin=subprocess.DEVNULL, preexec_fn=own_terminal)
+    os.close(slave)
+    seen = b""
+    while b"sample:" not in seen:  # the first report: its checkpoint is at step 20
+        try:
+            seen += os.read(master, 4096)
+        except OSError:  # the child is gone, the pseudo-terminal with it
+            break
+    assert b"sample:" in seen, seen[-2000:]
+    time.sleep(2)
+    os.close(master)
+    assert p.wait(timeout=120) == 0
+    assert checkpoint.load(str(tmp_path / "ckpt.pt"))["step"] > 20  # the steps since the report were saved
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no hang-ups here")
+def test_nohup_keeps_running_on_a_hang_up():
+    """Under nohup (SIGHUP ignored), training does not take the hang-up as a stop."""
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        flag = checkpoint.StopFlag()
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+        flag.release()
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        flag = checkpoint.StopFlag()
+        assert signal.getsignal(signal.SIGHUP) == flag.handle
+        flag.release()
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGHUP, before)
+
+
 def test_training_gives_the_signals_back(corpus_file, tok_file, tmp_path):
     """Ctrl-C after train() returns (demo.py's sampling) is Python's again, not the saving handler."""
     before = signal.getsignal(signal.SIGINT)

@@ -27,7 +27,7 @@ def test_presets_build():
 
 def test_shapes():
     m = make()
-    B, L, E, D = 3, 7, m.cfg.embed_dim, m.cfg.width
+    B, L, E = 3, 7, m.cfg.embed_dim
     x = torch.randn(B, L, E)
     mask = torch.ones(B, L, dtype=torch.bool)
     x0_hat = m(x, torch.zeros_like(x), torch.zeros_like(x), torch.rand(B), mask)

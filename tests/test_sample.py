@@ -79,6 +79,22 @@ def test_fill_keeps_context_words(tok):
     assert fill_template(template, tok, ids, gaps) == "fox fox"
 
 
+def test_fill_right_after_text_follows_its_first_piece(tok):
+    """Where the template has no space before a gap (a prefix, "un[gap]", Chinese), the fill is set
+    apart only when its first piece starts a word."""
+    glue = [i for i in range(4, tok.vocab_size) if not tok.piece(i).startswith("\u2581") and tok.piece(i).isalpha()][0]
+    word = tok.encode("fox")
+    for template in ["the red[gap:1] dog", "the red[gap:1][gap:1] dog"]:
+        ids, cond, gaps, _ = parse_template(template, tok, max_len=64)
+        for (a, b), fill in zip(gaps, [[glue], word[:1]]):
+            ids[a:b] = fill
+        text = fill_template(template, tok, ids, gaps)
+        assert text.startswith("the red" + tok.piece(glue) + " "), text  # glued on, then a word apart
+    ids, cond, gaps, _ = parse_template("the red [gap:1] dog", tok, max_len=64)
+    ids[gaps[0][0]] = glue  # after a space the template's spacing stands
+    assert fill_template("the red [gap:1] dog", tok, ids, gaps) == f"the red {tok.piece(glue)} dog"
+
+
 def test_gaps_of_open_length(tok):
     template = "the red fox [gap:..4] over the [gap:2] dog"
     ids, cond, gaps, up_to = parse_template(template, tok, max_len=64)

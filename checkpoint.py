@@ -27,8 +27,9 @@ VERSION = 1
 
 
 class StopFlag:
-    """First SIGINT/SIGTERM/SIGHUP (a closed terminal): finish the step, save, exit. Second: exit at
-    once. `release()` gives the signals back to the handlers from before, once training is over."""
+    """First SIGINT/SIGTERM/SIGHUP (a closed terminal): finish the step, save, exit. A second SIGINT
+    or SIGTERM: exit at once. `release()` gives the signals back to the handlers from before, once
+    training is over."""
 
     def __init__(self):
         self.stop = False
@@ -38,11 +39,12 @@ class StopFlag:
         self.before = {s: signal.signal(s, self.handle) for s in signals}
 
     def handle(self, signum, frame):
-        if self.stop:
+        hangup = signum == getattr(signal, "SIGHUP", None)
+        if self.stop and not hangup:  # a closed terminal may send two: the shell's and the kernel's
             os._exit(130)
-        self.stop = True
-        if signum == getattr(signal, "SIGHUP", None):
+        if hangup:
             quiet_terminal()
+        self.stop = True
         try:
             tqdm.write("stopping: saving a checkpoint (Ctrl-C again to quit at once)", file=sys.stderr)
         except BrokenPipeError:  # Ctrl-C on `train.py | tee log` stops tee too: stdout, where the bar is, is gone

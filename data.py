@@ -11,6 +11,7 @@ Rows of similar length are batched together, so little compute is spent on paddi
 import argparse
 import ast
 import contextlib
+import errno
 import os
 import random
 import re
@@ -58,11 +59,13 @@ def run(main):
 
 @contextlib.contextmanager
 def stdout_may_close(then=None):
-    """Around writes to stdout that work must go on after: if its reader has gone (`| head`), later
-    writes go nowhere and `then()` runs (training: save and stop)."""
+    """Around writes to stdout that work must go on after: if its reader has gone (`| head`) or its
+    terminal was closed, later writes go nowhere and `then()` runs (training: save and stop)."""
     try:
         yield
-    except BrokenPipeError:
+    except OSError as e:  # a pipe's reader gone, or a terminal hung up (EIO) before its SIGHUP came
+        if not isinstance(e, BrokenPipeError) and e.errno != errno.EIO:
+            raise
         quiet_stdout()
         if then:
             then()
@@ -80,13 +83,14 @@ def quiet_stdout():
 def quiet_terminal():
     """After a hang-up (the terminal was closed), writes to it would fail: stdout and stderr that
     went to it (a character device, not a file or a pipe) go nowhere from now on."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    for fd in (1, 2):  # stdout, stderr
-        try:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        for fd in (1, 2):  # stdout, stderr
             if stat.S_ISCHR(os.fstat(fd).st_mode):
                 os.dup2(devnull, fd)
-        except OSError:  # closed already
-            pass
+        os.close(devnull)
+    except OSError:  # a descriptor closed already, or none left: writes may fail, and are caught there
+        pass
 
 
 def read_lines(path: str) -> list[str]:

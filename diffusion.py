@@ -318,7 +318,8 @@ class Diffusion:
 
         ids:         (B, L) tokens; only those at context positions are read
         length_mask: (B, L) True on the positions to produce (the text and its EOS)
-        cond_mask:   (B, L) True where ids are given; they stay fixed at every step
+        cond_mask:   (B, L) True where ids are given; they stay fixed at every step. Give each
+                     row's EOS here: the other positions are written with text tokens only
         steps, sampler, spacing, temperature: the number of steps, names in SAMPLERS and
                      SPACINGS, and the interpolation's softmax temperature (default: the
                      config's steps, spacing and temperature, also with a context; sample.generate
@@ -372,10 +373,10 @@ class Diffusion:
             else:
                 x0_hat = self.denoise(x_in, x_cond, x_self, t.expand(len(ids)), length_mask)
             # Step with the interpolated estimate: it lies among the token embeddings, where x0 lives.
-            # Every position it writes holds a text token (the EOS of a row is always given), so
-            # padding, EOS, BOS and UNK get no probability: an UNK would print as "⁇", an EOS
-            # would cut the text short there.
-            x0_hat, best = self.model.interpolate(x0_hat, temperature, banned=SPECIAL)
+            # Every position it writes holds a text token (a row's EOS is given), so padding, EOS,
+            # BOS and UNK get no probability there: an UNK would print as "⁇", an EOS would cut the
+            # text short. (At context positions only guidance's unconditional half reads x̂0.)
+            x0_hat, best = self.model.interpolate(x0_hat, temperature, banned=SPECIAL, at=~cond_mask)
             if s < snap:  # step with the likeliest token's own embedding
                 x0_hat = self.model.embeddings()[best]
             x_self, x_self_uncond = torch.where(cond, 0.0, x0_hat), x0_hat

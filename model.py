@@ -226,21 +226,23 @@ class Denoiser(nn.Module):
         return x0_hat @ self.readout().t()
 
     @torch.no_grad()
-    def interpolate(self, x0_hat, temperature: float = 1.0, banned=()):
+    def interpolate(self, x0_hat, temperature: float = 1.0, banned=(), at=None):
         """(..., E) -> (softmax(logits / temperature) @ embeddings, argmax of the logits): the
         expected embedding under the model's token distribution (CDCD's score interpolation,
         Dieleman et al. 2022) and the most likely token. A temperature below 1 pulls the estimate
         towards the likeliest token's embedding. Computed a few hundred rows at a time, so the
         (rows, V) logits stay small: on a CPU, allocating the whole (B, L, V) tensor costs more
-        than the matmul. `banned`: token ids given no probability and never chosen."""
+        than the matmul. `banned`: token ids given no probability and never chosen, at the positions
+        where `at` (...) is True (default: everywhere)."""
         x = x0_hat.reshape(-1, x0_hat.shape[-1]).float()  # (N, E)
         banned = list(banned)
+        at = torch.ones(len(x), dtype=torch.bool, device=x.device) if at is None else at.reshape(-1)  # (N,)
         emb = self.embeddings().float()  # (V, E), normalised once
         w = emb * (self.log_logit_scale.exp() / temperature)  # (V, E): readout() / temperature
         out, tokens = torch.empty_like(x), torch.empty(len(x), dtype=torch.long, device=x.device)
         for rows in row_chunks(len(x), len(w)):
             logits = x[rows] @ w.t()  # (n, V)
-            logits[:, banned] = float("-inf")
+            logits[:, banned] = logits[:, banned].masked_fill(at[rows, None], float("-inf"))
             out[rows], tokens[rows] = logits.softmax(-1) @ emb, logits.argmax(-1)
         return out.view(x0_hat.shape), tokens.view(x0_hat.shape[:-1])
 

@@ -65,11 +65,18 @@ class Tokenizer:
         return self.sp.id_to_piece(int(i))
 
 
-def train_tokenizer(lines: list[str], vocab_size: int, out: str, max_sentences: int = 1_000_000) -> Tokenizer:
+def train_tokenizer(lines: list[str], vocab_size: int, out: str, max_sentences: int = 1_000_000,
+                    character_coverage: float | None = None) -> Tokenizer:
     """Train a BPE model on `lines`; write `out`.model and `out`.vocab.
 
     Corpora larger than `max_sentences` lines are sampled, so memory stays bounded.
-    The vocabulary may come out smaller than asked on a tiny corpus (hard_vocab_limit=False)."""
+    The vocabulary may come out smaller than asked on a tiny corpus (hard_vocab_limit=False).
+    `character_coverage` is the share of the corpus's characters that get a piece; the rest are UNK,
+    which the sampler never writes. By default every character gets one where they all fit in half
+    the vocabulary (English, Russian, code, emoji: "Zizzi" is not "⁇izzi"), else 0.9995, as
+    SentencePiece advises for Chinese and Japanese, whose rarest characters would crowd it."""
+    if character_coverage is None:
+        character_coverage = 1.0 if len(set().union(*lines)) <= vocab_size // 2 else 0.9995
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     # SentencePiece reads a file; give it the cleaned lines so that what it sees is what train.py sees.
     with tempfile.NamedTemporaryFile("w", encoding="utf-8", suffix=".txt", delete=False) as f:
@@ -79,7 +86,7 @@ def train_tokenizer(lines: list[str], vocab_size: int, out: str, max_sentences: 
         spm.SentencePieceTrainer.train(
             input=tmp, model_prefix=out, vocab_size=vocab_size, model_type="bpe",
             pad_id=PAD, eos_id=EOS, bos_id=BOS, unk_id=UNK,
-            character_coverage=0.9995, hard_vocab_limit=False,
+            character_coverage=character_coverage, hard_vocab_limit=False,
             input_sentence_size=max_sentences, shuffle_input_sentence=True,
             max_sentence_length=max([4192] + [len(s.encode()) for s in lines]),  # it skips longer lines
             num_threads=os.cpu_count() or 1, minloglevel=2,
@@ -102,9 +109,13 @@ def main():
     p.add_argument("--vocab-size", type=int, default=4000, help="number of pieces, special ids included")
     p.add_argument("--out", required=True, help="output prefix: writes PREFIX.model and PREFIX.vocab")
     p.add_argument("--max-sentences", type=int, default=1_000_000, help="sample at most this many lines")
+    p.add_argument("--character-coverage", type=float, help="share of the characters that get a piece, the rest "
+                   "being UNK (default: 1 where they fit in half the vocabulary, else 0.9995)")
     args = p.parse_args()
     if args.vocab_size < 8 or args.max_sentences < 1:
         sys.exit("error: --vocab-size must be at least 8 and --max-sentences at least 1")
+    if args.character_coverage is not None and not 0.98 <= args.character_coverage <= 1:
+        sys.exit("error: --character-coverage must be between 0.98 and 1")
     if args.out.endswith(".model"):  # `--out runs/tok.model` means the prefix runs/tok
         args.out = args.out[: -len(".model")]
     if args.out.endswith(("/", os.sep)) or os.path.isdir(args.out):
@@ -115,7 +126,8 @@ def main():
         folder = os.path.dirname(os.path.abspath(args.out))
         os.makedirs(folder, exist_ok=True)
         tempfile.TemporaryFile(dir=folder).close()  # fail on the output folder before training, not after
-        tok = train_tokenizer(read_lines(args.corpus), args.vocab_size, args.out, args.max_sentences)
+        tok = train_tokenizer(read_lines(args.corpus), args.vocab_size, args.out, args.max_sentences,
+                              args.character_coverage)
     except (UserError, ValueError) as e:
         sys.exit(f"error: {e}")
     except OSError as e:

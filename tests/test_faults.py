@@ -162,8 +162,8 @@ def test_a_closed_stdout_saves_and_stops(corpus_file, tok_file, tmp_path, merged
 
 @pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pseudo-terminal")
 def test_a_closed_terminal_saves_and_stops(corpus_file, tok_file, tmp_path):
-    """The terminal that runs train.py is closed (a hang-up: SIGHUP, and writes to it fail): the run
-    saves where it is and exits 0, as on Ctrl-C."""
+    """The terminal that runs train.py is closed (a hang-up: SIGHUP, from the kernel and from the
+    shell, and writes to it fail): the run saves where it is and exits 0, as on Ctrl-C."""
     master, slave = os.openpty()
     name = os.ttyname(slave)
 
@@ -185,6 +185,7 @@ def test_a_closed_terminal_saves_and_stops(corpus_file, tok_file, tmp_path):
     assert b"sample:" in seen, seen[-2000:]
     time.sleep(2)
     os.close(master)
+    p.send_signal(signal.SIGHUP)  # an interactive shell passes the hang-up on too: a second one must not kill
     assert p.wait(timeout=120) == 0
     assert checkpoint.load(str(tmp_path / "ckpt.pt"))["step"] > 20  # the steps since the report were saved
 
@@ -204,6 +205,25 @@ def test_nohup_keeps_running_on_a_hang_up():
         assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL
     finally:
         signal.signal(signal.SIGHUP, before)
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no hang-ups here")
+def test_a_second_hang_up_does_not_kill(monkeypatch):
+    """A closed terminal sends SIGHUP twice (the shell's, the kernel's), 1 ms apart: the second must
+    not cut the save short, as a second Ctrl-C does."""
+    def exit_now(code):
+        raise SystemExit(code)
+    monkeypatch.setattr(checkpoint, "quiet_terminal", lambda: None)  # keep pytest's own terminal
+    monkeypatch.setattr(checkpoint.os, "_exit", exit_now)
+    flag = checkpoint.StopFlag()
+    try:
+        flag.handle(signal.SIGHUP, None)
+        flag.handle(signal.SIGHUP, None)
+        assert flag.stop
+        with pytest.raises(SystemExit):
+            flag.handle(signal.SIGINT, None)
+    finally:
+        flag.release()
 
 
 def test_training_gives_the_signals_back(corpus_file, tok_file, tmp_path):

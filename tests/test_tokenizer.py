@@ -36,3 +36,25 @@ def test_lines_longer_than_sentencepiece_takes(tmp_path):
     tok = train_tokenizer(lines, 40, str(tmp_path / "long"))
     assert tok.decode(tok.encode("gamma delta alpha")) == "gamma delta alpha"
     assert len(tok.encode("gamma delta alpha")) <= 3  # learnt as pieces, not spelt letter by letter
+
+
+def test_rare_characters_get_a_piece_when_they_fit(tmp_path):
+    """A name written once in a corpus ("Zizzi") is text, not UNK, where the characters fit in half
+    the vocabulary; SentencePiece's 0.9995 would drop it."""
+    lines = SENTENCES * 20 + ["Zizzi serves the lazy dog."]
+    default = train_tokenizer(lines, 200, str(tmp_path / "default"))
+    assert UNK not in default.encode(lines[-1]) and default.decode(default.encode(lines[-1])) == lines[-1]
+    dropped = train_tokenizer(lines, 200, str(tmp_path / "dropped"), character_coverage=0.9995)
+    assert UNK in dropped.encode(lines[-1])
+
+
+def test_many_characters_keep_the_rarest_out(tmp_path):
+    """Chinese-like: more characters than half the vocabulary. Giving every one a piece would not fit
+    (a vocabulary too small); by default the rarest 0.05% are left to UNK and it trains."""
+    common = [chr(0x4E00 + i) for i in range(110)]
+    lines = ["".join(common[(j + k) % 110] for k in range(20)) for j in range(550)]  # each 100 times
+    lines += [chr(0x9000 + i) for i in range(5)]  # five characters seen once
+    tok = train_tokenizer(lines, 116, str(tmp_path / "cjk"))
+    assert UNK not in tok.encode(lines[0]) and UNK in tok.encode(lines[-1])
+    with pytest.raises(ValueError, match="too small"):
+        train_tokenizer(lines, 116, str(tmp_path / "all"), character_coverage=1.0)

@@ -71,24 +71,26 @@ def stdout_may_close(then=None):
             then()
 
 
+def to_devnull(fds):
+    """Later writes to these file descriptors go nowhere."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for fd in fds:
+        os.dup2(devnull, fd)
+    os.close(devnull)
+
+
 def quiet_stdout():
     """After the reader of a pipe has gone, later writes go nowhere (stderr's too, when it is the same
     pipe: `2>&1 | head`), and Python's flush of stdout at exit raises no second error."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    if os.path.sameopenfile(sys.stdout.fileno(), sys.stderr.fileno()):
-        os.dup2(devnull, sys.stderr.fileno())
-    os.dup2(devnull, sys.stdout.fileno())
+    same = os.path.sameopenfile(sys.stdout.fileno(), sys.stderr.fileno())
+    to_devnull([sys.stdout.fileno()] + [sys.stderr.fileno()] * same)
 
 
 def quiet_terminal():
     """After a hang-up (the terminal was closed), writes to it would fail: stdout and stderr that
     went to it (a character device, not a file or a pipe) go nowhere from now on."""
     try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        for fd in (1, 2):  # stdout, stderr
-            if stat.S_ISCHR(os.fstat(fd).st_mode):
-                os.dup2(devnull, fd)
-        os.close(devnull)
+        to_devnull([fd for fd in (1, 2) if stat.S_ISCHR(os.fstat(fd).st_mode)])  # stdout, stderr
     except OSError:  # a descriptor closed already, or none left: writes may fail, and are caught there
         pass
 

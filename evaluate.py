@@ -30,6 +30,7 @@ from device import pick_device, set_threads
 from data import Corpus, UserError, collapse_gaps, read_lines, run, seed_arg, threads_arg
 from diffusion import SAMPLERS, SPACINGS, Diffusion, DiffusionConfig, get_sampler, get_spacing
 from judge import diffusion_tokenizer, load_judge, perplexity
+from results import compare, load, table
 from sample import generate
 from tokenizer import BOS, EOS, PAD
 
@@ -294,74 +295,6 @@ def evaluate(diffusion, tok, valid_lines, judge=None, train_lines=None, length_h
     return r
 
 
-def table(r) -> str:
-    s, c, row = r["settings"], r["cost"], lambda label, *cells: f"  {label:<32}" + "".join(f"{v:>13}" for v in cells)
-    draws = s.get("infill_candidates", 1)  # JSONs written before it: one draw
-    out = [f"denoising: {s['num_lines']} held-out lines, no context, self-conditioning off",
-           "  t" + " " * 30 + "".join(f"{t:>8}" for t in r["denoising"])]
-    out += [f"  {k:<31}" + "".join(f"{v[k]:>8.3f}" for v in r["denoising"].values()) for k in ("mse", "ce", "acc")]
-    out += [f"infilling: {s.get('infill_steps', s['steps'])} {s['sampler']} steps, {s.get('infill_spacing', s['spacing'])} spacing, "
-            f"temperature {s.get('infill_temperature', s['temperature']):g}, guidance {s['guidance']:g}, "
-            + (f"the consensus of {draws} draws" if draws > 1 else "one draw"),
-            row("", "token acc", "exact lines")]
-    for kind, label in (("span", "one span, 25-50% hidden"), ("scattered", "scattered, 15% hidden")):
-        out.append(row(label, *(f"{r['infilling'][kind][k]:.3f}" for k in ("acc", "exact"))))
-    o = r["open_gaps"]
-    out += [f"gaps of open length: the same spans, each in a gap of up to all the room left, its length chosen by the model ({o['lines']} lines)",
-            row("", "fills", "hidden spans")]
-    for key in ("mean", "std", "p10", "p25", "p50", "p75", "p90"):
-        out.append(row(f"length {key} (tokens)", *(f"{o[k][key]:.2f}" for k in ("fill_length", "true_length"))))
-    out += [row("length: mean absolute difference", f"{o['length_mad']:.2f}"),
-            row("  the same, guessing the median", f"{o['length_mad_median']:.2f}"),
-            row("length: correlation", f"{o['length_corr']:.3f}"),
-            row("aligned token accuracy", f"{o['aligned_acc']:.3f}"), row("exact fills", f"{o['exact']:.3f}")]
-    out += [f"samples: {s['num_samples']} unconditional ({s['steps']} {s['sampler']} steps, {s['spacing']} spacing, "
-            f"temperature {s['temperature']:g}), beside the held-out lines", row("", "samples", "held-out")]
-    for key, label, spec in (("judge_ppl", "judge perplexity", ".2f"), ("entropy", "unigram entropy (nats)", ".3f"),
-                             ("distinct_2", "distinct-2", ".3f"), ("copied", "copied from training", ".3f"),
-                             ("length_mean", "length mean (tokens)", ".2f"), ("length_std", "length std", ".2f")):
-        out.append(row(label, *("-" if r[k][key] is None else format(r[k][key], spec) for k in ("samples", "held_out"))))
-    out += [f"cost: batches of {c['batch_size']}", row("seconds per sample", f"{c['seconds_per_sample']:.4f}"),
-            row("network evaluations per sample", c["evals_per_sample"])]
-    if "seconds_per_fill" in c:  # JSONs written before it: samples only
-        out += [row("seconds per filled line", f"{c['seconds_per_fill']:.4f}"),
-                row("network evaluations per fill", c["evals_per_fill"])]
-    return "\n".join(out)
-
-
-def numbers(r) -> list:
-    """(name, value, goal, reference) for every number of a result: goal "low", "high" or "near"
-    (the reference: the held-out lines' own value)."""
-    out = [(f"denoising t={t} {k}", v[k], "high" if k == "acc" else "low", None)
-           for t, v in r["denoising"].items() for k in ("mse", "ce", "acc")]
-    out += [(f"infilling {kind} {k}", v[k], "high", None) for kind, v in r["infilling"].items() for k in ("acc", "exact")]
-    if "open_gaps" in r:
-        o = r["open_gaps"]
-        out += [("open gaps length mad", o["length_mad"], "low", None), ("open gaps length corr", o["length_corr"], "high", None),
-                ("open gaps aligned acc", o["aligned_acc"], "high", None), ("open gaps exact", o["exact"], "high", None)]
-    for k in ("judge_ppl", "entropy", "distinct_2", "copied", "length_mean", "length_std"):
-        if r["samples"][k] is not None:
-            goal = {"judge_ppl": "low", "copied": "low"}.get(k, "near")
-            out.append((f"samples {k}", r["samples"][k], goal, r["held_out"][k]))
-    out += [(f"cost {k}", r["cost"][k], "low", None)
-            for k in ("seconds_per_sample", "evals_per_sample", "seconds_per_fill", "evals_per_fill") if k in r["cost"]]
-    return out
-
-
-def compare(before, after, tolerance=5e-4) -> str:
-    """Every number of two results (evaluate.py --json) side by side, marked better or worse: closer
-    to the held-out lines' value where that is the goal. Differences within `tolerance` are even."""
-    rows, theirs = [], {name: v for name, v, _, _ in numbers(after)}
-    for name, b, goal, ref in numbers(before):
-        if name not in theirs:
-            continue
-        a = theirs[name]
-        gain = {"low": b - a, "high": a - b}.get(goal, abs(b - (ref or 0)) - abs(a - (ref or 0)))
-        verdict = "even" if abs(gain) <= tolerance * max(1.0, abs(b)) else "better" if gain > 0 else "WORSE"
-        rows.append(f"  {name:<40}{b:>12.4g}{a:>12.4g}  {verdict}")
-    return "\n".join([f"  {'':<40}{'before':>12}{'after':>12}"] + rows)
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.error = lambda message: sys.exit(f"error: {message}")  # one line, no usage dump
@@ -394,18 +327,10 @@ def main(argv=None):
     p.add_argument("--threads", type=threads_arg, default=0, help="torch CPU threads (0: one per core)")
     a = p.parse_args(argv)
     if a.compare:
-        results = []
-        for path in a.compare:
-            try:
-                with open(path) as f:
-                    results.append(json.load(f))
-                numbers(results[-1])  # every number it should hold
-            except OSError as e:
-                sys.exit(f"error: --compare {path}: {e.strerror}")
-            except (ValueError, KeyError, TypeError, AttributeError) as e:
-                sys.exit(f"error: --compare {path}: not a result of evaluate.py --json ({type(e).__name__}: {e})")
         try:
-            print(compare(*results), flush=True)
+            print(compare(*map(load, a.compare)), flush=True)
+        except UserError as e:
+            sys.exit(f"error: {e}")
         except TypeError as e:  # a value that is not a number
             sys.exit(f"error: --compare: {' or '.join(a.compare)} holds a value that is not a number ({e})")
         return

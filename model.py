@@ -235,14 +235,15 @@ class Denoiser(nn.Module):
         than the matmul. `banned`: token ids given no probability and never chosen, at the positions
         where `at` (...) is True (default: everywhere)."""
         x = x0_hat.reshape(-1, x0_hat.shape[-1]).float()  # (N, E)
-        banned = list(banned)
-        at = torch.ones(len(x), dtype=torch.bool, device=x.device) if at is None else at.reshape(-1)  # (N,)
+        banned, at = list(banned), None if at is None else at.reshape(-1)  # at: (N,)
         emb = self.embeddings().float()  # (V, E), normalised once
         w = emb * (self.log_logit_scale.exp() / temperature)  # (V, E): readout() / temperature
         out, tokens = torch.empty_like(x), torch.empty(len(x), dtype=torch.long, device=x.device)
         for rows in row_chunks(len(x), len(w)):
             logits = x[rows] @ w.t()  # (n, V)
-            logits[:, banned] = logits[:, banned].masked_fill(at[rows, None], float("-inf"))
+            if banned:  # sampling; training's self-conditioning bans nothing
+                cols = logits[:, banned]  # (n, len(banned))
+                logits[:, banned] = cols.fill_(float("-inf")) if at is None else cols.masked_fill(at[rows, None], float("-inf"))
             out[rows], tokens[rows] = logits.softmax(-1) @ emb, logits.argmax(-1)
         return out.view(x0_hat.shape), tokens.view(x0_hat.shape[:-1])
 

@@ -105,12 +105,13 @@ def fill_template(template: str, tok, ids, gaps) -> str:
     and the spaces around an empty fill become one. Where the template has no space before a gap
     (a prefix in Chinese, "un[gap]", two gaps side by side), the fill's first piece tells: one that
     starts a word ("▁") is set apart by a space, another is glued on."""
+    spans = iter(gaps)
+
     def fill(m):
         a, b = next(spans)
         text = tok.decode(ids[a:b])
         glued = m.start() > 0 and not template[m.start() - 1].isspace()
         return " " + text if glued and text and tok.piece(ids[a]).startswith("\u2581") else text
-    spans = iter(gaps)
     return " ".join(GAP.sub(fill, template).split())
 
 

@@ -17,7 +17,7 @@ from dataclasses import asdict, fields
 import torch
 from tqdm import tqdm
 
-from data import UserError, quiet_stdout, quiet_terminal
+from data import UserError, die_of, quiet_stdout, quiet_terminal
 from diffusion import Diffusion, DiffusionConfig
 from timewarp import TimeWarp
 from model import ModelConfig, build_model
@@ -26,13 +26,21 @@ from tokenizer import Tokenizer
 VERSION = 1
 
 
+class Stopped(Exception):
+    """Training saved and stopped because of signal `signum` (Ctrl-C, a closed terminal, a kill)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
 class StopFlag:
     """First SIGINT/SIGTERM/SIGHUP (a closed terminal): finish the step, save, exit. A second SIGINT
     or SIGTERM: exit at once. `release()` gives the signals back to the handlers from before, once
-    training is over."""
+    training is over; `signum` is the first signal, or 0."""
 
     def __init__(self):
-        self.stop = False
+        self.stop, self.signum = False, 0
         signals = [signal.SIGINT, signal.SIGTERM]
         if hasattr(signal, "SIGHUP") and signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # nohup: ignored
             signals.append(signal.SIGHUP)
@@ -41,10 +49,10 @@ class StopFlag:
     def handle(self, signum, frame):
         hangup = signum == getattr(signal, "SIGHUP", None)
         if self.stop and not hangup:  # a closed terminal may send two: the shell's and the kernel's
-            os._exit(130)
+            die_of(signum)
         if hangup:
             quiet_terminal()
-        self.stop = True
+        self.stop, self.signum = True, self.signum or signum
         try:
             tqdm.write("stopping: saving a checkpoint (Ctrl-C again to quit at once)", file=sys.stderr)
         except BrokenPipeError:  # Ctrl-C on `train.py | tee log` stops tee too: stdout, where the bar is, is gone

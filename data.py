@@ -15,6 +15,7 @@ import errno
 import os
 import random
 import re
+import signal
 import stat
 import sys
 import sysconfig
@@ -43,18 +44,27 @@ def threads_arg(text: str) -> int:
 
 
 def run(main):
-    """Run a script's main(): Ctrl-C outside training's own handler ends in one line (exit 130), a
-    reader of stdout that goes away (`| head`) ends it quietly, and text that stdout's encoding
-    cannot hold (a cp1252 redirect on Windows) prints as '?'."""
+    """Run a script's main(): Ctrl-C outside training's own handler ends in one line (and the process
+    as Ctrl-C would), a reader of stdout that goes away (`| head`) ends it quietly, and text that
+    stdout's encoding cannot hold (a cp1252 redirect on Windows) prints as '?'."""
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="replace")
     try:
         main()
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        die_of(signal.SIGINT)
     except BrokenPipeError:  # the reader has what it wanted
         quiet_stdout()
+
+
+def die_of(signum: int):
+    """End the process as signal `signum` would have, after its handler did what it had to: a shell
+    script stops at a command that Ctrl-C ended, and goes on after one that exited, even with 130."""
+    signal.signal(signum, signal.SIG_DFL)
+    if os.name == "posix":
+        os.kill(os.getpid(), signum)
+    sys.exit(128 + signum)
 
 
 @contextlib.contextmanager

@@ -56,7 +56,10 @@ def main():
                     f.write("\n".join(lines) + "\n")
                 print(f"wrote {corpus}: {len(lines)} sentences from the standard library's docstrings")
         print(f"training the '{a.preset}' preset on {corpus} for {a.minutes:g} minutes (Ctrl-C stops and saves)")
-        train(TrainConfig(corpus=corpus, out=a.out, preset=a.preset, max_minutes=a.minutes, eval_every=1000))
+        try:
+            train(TrainConfig(corpus=corpus, out=a.out, preset=a.preset, max_minutes=a.minutes, eval_every=1000))
+        except checkpoint.Stopped:  # Ctrl-C: saved; the demo goes on with what was trained
+            pass
 
         ckpt = checkpoint.load(os.path.join(a.out, "ckpt.pt"))
         tok, model, diffusion = checkpoint.build(ckpt, "cpu")

@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import checkpoint
-from data import Batches, Corpus, UserError, mask_mixture, read_lines, run, seed_arg, split_valid, stdout_may_close, threads_arg
+from data import Batches, Corpus, UserError, die_of, mask_mixture, read_lines, run, seed_arg, split_valid, stdout_may_close, threads_arg
 from device import PRECISIONS, all_sum, autocast, check_in_sync, set_threads, setup_distributed, use_bf16
 from diffusion import SAMPLERS, SCHEDULES, Diffusion, DiffusionConfig
 from model import BACKBONES, PRESETS, build_model, get_preset
@@ -102,7 +102,8 @@ def validate(diffusion: Diffusion, corpus: Corpus, device, batch_size=64, max_ba
 
 
 def train(cfg: TrainConfig, quiet: bool = False) -> dict:
-    """Train (or resume) as `cfg` says. Returns the last logged numbers.
+    """Train (or resume) as `cfg` says. Returns the last logged numbers; after Ctrl-C (or SIGTERM,
+    or a closed terminal) it saves, then raises checkpoint.Stopped.
 
     Every random draw of step k (t, noise, self-conditioning) comes from a generator seeded with
     (seed, k), and the batches from a resumable order: a resumed run, and a run split over
@@ -301,9 +302,11 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
     with stdout_may_close():
         report(diffusion, tok, corpus, valid, device, step, silent, rank, world, bf16)
         if not quiet:
-            print(f"saved {ckpt_path} at step {step}")
+            print(f"saved {ckpt_path} at step {step}" + ("; the same command resumes it" if stopper.stop else ""))
     if world > 1:
         dist.destroy_process_group()
+    if stopper.signum:  # saved; the caller decides what the signal ends (train.py: the process, as it would have)
+        raise checkpoint.Stopped(stopper.signum)
     return logged
 
 
@@ -479,6 +482,8 @@ def main():
         train(cfg)
     except UserError as e:
         sys.exit(f"error: {e}")
+    except checkpoint.Stopped as e:
+        die_of(e.signum)
 
 
 if __name__ == "__main__":

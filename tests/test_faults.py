@@ -1,6 +1,7 @@
 """Crashes, kills, resumes, bad numbers and hostile input never lose work or end in a traceback."""
 import os
 import random
+import shlex
 import signal
 import subprocess
 import sys
@@ -126,16 +127,22 @@ def test_kill_9_never_leaves_a_broken_checkpoint(corpus_file, tok_file, tmp_path
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
 
 
-def test_sigint_saves_and_exits_cleanly(corpus_file, tok_file, tmp_path):
+@pytest.mark.skipif(os.name != "posix", reason="a shell script and signals as on POSIX")
+def test_ctrl_c_saves_and_stops_the_script_that_ran_it(corpus_file, tok_file, tmp_path):
+    """Ctrl-C while a shell script runs train.py and then another command: training saves where it is
+    and ends as Ctrl-C would, so the script stops too (bash goes on after a child that exits, 0 or 130)."""
     args = [sys.executable, "train.py", "--corpus", corpus_file, "--tokenizer", tok_file, "--out", str(tmp_path),
             "--preset", "tiny", "--batch-size", "8", "--max-steps", "100000", "--eval-every", "100000"]
-    p = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    script = " ".join(shlex.quote(a) for a in args) + "; echo went on"
+    p = subprocess.Popen(["bash", "-c", script], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
     time.sleep(5)
-    p.send_signal(signal.SIGINT)
+    os.killpg(p.pid, signal.SIGINT)  # what Ctrl-C does: the terminal signals its foreground process group
     out, err = p.communicate(timeout=60)
-    assert p.returncode == 0, err
-    assert "Traceback" not in err
-    assert checkpoint.load(str(tmp_path / "ckpt.pt"))["step"] > 0
+    assert "Traceback" not in err, err
+    assert "went on" not in out and p.returncode == -signal.SIGINT, (p.returncode, err)
+    assert "the same command resumes it" in out
+    assert checkpoint.load(str(tmp_path / "ckpt.pt"))["step"] > 0  # no report before: Ctrl-C's save
 
 
 @pytest.mark.parametrize("merged", [False, True])  # `| head`, `2>&1 | head`
@@ -163,7 +170,7 @@ def test_a_closed_stdout_saves_and_stops(corpus_file, tok_file, tmp_path, merged
 @pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pseudo-terminal")
 def test_a_closed_terminal_saves_and_stops(corpus_file, tok_file, tmp_path):
     """The terminal that runs train.py is closed (a hang-up: SIGHUP, from the kernel and from the
-    shell, and writes to it fail): the run saves where it is and exits 0, as on Ctrl-C."""
+    shell, and writes to it fail): the run saves where it is and ends as the hang-up would have."""
     master, slave = os.openpty()
     name = os.ttyname(slave)
 
@@ -186,7 +193,7 @@ def test_a_closed_terminal_saves_and_stops(corpus_file, tok_file, tmp_path):
     time.sleep(2)
     os.close(master)
     p.send_signal(signal.SIGHUP)  # an interactive shell passes the hang-up on too: a second one must not kill
-    assert p.wait(timeout=120) == 0
+    assert p.wait(timeout=120) == -signal.SIGHUP
     assert checkpoint.load(str(tmp_path / "ckpt.pt"))["step"] > 20  # the steps since the report were saved
 
 
@@ -211,10 +218,10 @@ def test_nohup_keeps_running_on_a_hang_up():
 def test_a_second_hang_up_does_not_kill(monkeypatch):
     """A closed terminal sends SIGHUP twice (the shell's, the kernel's), 1 ms apart: the second must
     not cut the save short, as a second Ctrl-C does."""
-    def exit_now(code):
-        raise SystemExit(code)
+    def die_of(signum):  # in place of dying, which would end pytest
+        raise SystemExit(128 + signum)
     monkeypatch.setattr(checkpoint, "quiet_terminal", lambda: None)  # keep pytest's own terminal
-    monkeypatch.setattr(checkpoint.os, "_exit", exit_now)
+    monkeypatch.setattr(checkpoint, "die_of", die_of)
     flag = checkpoint.StopFlag()
     try:
         flag.handle(signal.SIGHUP, None)
@@ -308,3 +315,12 @@ def test_resuming_a_checkpoint_without_the_gap_length_head_is_refused(corpus_fil
     torch.save(ckpt, path)
     with pytest.raises(UserError, match="older version"):
         train(config(corpus_file, tok_file, tmp_path / "a", max_steps=2), quiet=True)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="signals as on POSIX")
+def test_ctrl_c_outside_training_is_one_line_and_ends_as_ctrl_c():
+    """Every script's Ctrl-C (sample.py, evaluate.py, ...): `interrupted`, no traceback, and the
+    process ends as the signal would have, so a shell script running it stops too."""
+    code = "from data import run\ndef main(): raise KeyboardInterrupt\nrun(main)"
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert p.stderr == "interrupted\n" and p.returncode == -signal.SIGINT, (p.returncode, p.stderr)

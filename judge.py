@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import checkpoint
-from data import Batches, Corpus, UserError, quiet_stdout, read_lines, run, seed_arg, split_valid, threads_arg
+from data import Batches, Corpus, UserError, die_of, quiet_stdout, read_lines, run, seed_arg, split_valid, threads_arg
 from model import PRESETS, FeedForward, ModelConfig, get_preset
 from tokenizer import BOS, Tokenizer
 from device import autocast, pick_device, set_threads, use_bf16
@@ -104,9 +104,10 @@ def perplexity(judge, tok, texts, batch_size=64) -> float:
 
 
 def fit(judge, corpus: Corpus, max_steps=0, max_minutes=0.0, batch_size=64, lr=1e-3, warmup=100, seed=0,
-        quiet=True) -> int:
+        quiet=True, stop=None) -> int:
     """Train the judge in place with AdamW and train.py's schedule, until max_steps or max_minutes.
-    Ctrl-C stops early and keeps what was learnt. Returns the number of steps taken."""
+    Ctrl-C stops early and keeps what was learnt (with `stop`, a checkpoint.StopFlag: after the step,
+    and SIGTERM or a closed terminal too). Returns the number of steps taken."""
     if not max_steps and not max_minutes:
         raise ValueError("give max_steps or max_minutes")
     device = next(judge.parameters()).device
@@ -123,7 +124,7 @@ def fit(judge, corpus: Corpus, max_steps=0, max_minutes=0.0, batch_size=64, lr=1
         for batch in Batches(corpus, batch_size, seed=seed):  # its infilling masks are not used
             progress = max(step / max_steps if max_steps else 0.0,
                            (time.time() - start) / (60 * max_minutes) if max_minutes else 0.0)
-            if progress >= 1:
+            if progress >= 1 or (stop and stop.stop):
                 break
             for g in opt.param_groups:
                 g["lr"] = lr_at(sched, step, progress)
@@ -235,9 +236,16 @@ def main(argv=None):
         corpus.note_cropped()
         n_params = sum(p.numel() for p in judge.parameters())
         print(f"judge: {n_params / 1e6:.2f} M parameters, {len(corpus)} lines, device {device}")
-        steps = fit(judge, corpus, a.max_steps, a.max_minutes, a.batch_size, a.lr, a.warmup, a.seed, quiet=False)
+        stopper = checkpoint.StopFlag()
+        try:
+            steps = fit(judge, corpus, a.max_steps, a.max_minutes, a.batch_size, a.lr, a.warmup, a.seed, quiet=False,
+                        stop=stopper)
+        finally:
+            stopper.release()
         save_judge(a.out, judge, tok, step=steps, corpus=a.corpus)
         print(f"saved {a.out} after {steps} steps")
+        if stopper.signum:  # saved; now end as the signal would have (train.py does the same)
+            die_of(stopper.signum)
         if valid:
             print(f"held-out perplexity {perplexity(judge, tok, valid):.2f} ({len(valid)} lines of {a.valid})")
     except UserError as e:

@@ -1,5 +1,9 @@
 import os
+import shlex
+import signal
+import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -9,6 +13,17 @@ sys.path.insert(0, ROOT)
 torch.set_num_threads(2)
 
 from tokenizer import train_tokenizer  # noqa: E402
+
+
+def ctrl_c_in_a_script(args, wait=5.0):
+    """Run `ARGS; echo went on` with bash, press Ctrl-C after `wait` seconds (SIGINT to the process
+    group, as a terminal does) and return (returncode, stdout, stderr)."""
+    p = subprocess.Popen(["bash", "-c", shlex.join(args) + "; echo went on"], cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    time.sleep(wait)
+    os.killpg(p.pid, signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    return p.returncode, out, err
 
 # Sixteen short sentences, each told apart by its words: a tiny model can memorise them.
 SENTENCES = [

@@ -1,7 +1,9 @@
 """evaluate.py and judge.py: the metrics on known answers, a judge that learns, the command end to end."""
 import json
 import math
+import os
 import random
+import signal
 import subprocess
 import sys
 
@@ -11,7 +13,7 @@ import torch
 import checkpoint
 import evaluate
 import judge
-from conftest import ROOT, SENTENCES
+from conftest import ROOT, SENTENCES, ctrl_c_in_a_script
 from data import Corpus
 from evaluate import aligned_accuracy, copied_share, distinct_n, edit_distance, fill_accuracy, hide, spread, unigram_entropy
 from judge import CausalLM, perplexity
@@ -153,6 +155,17 @@ def run_dir(corpus_file, tok, tmp_path_factory):
     judge.main(["--corpus", corpus_file, "--ckpt", str(d / "out" / "ckpt.pt"), "--out", str(d / "judge.pt"),
                 "--preset", "tiny", "--max-steps", "5", "--batch-size", "8", "--threads", "1"])
     return d
+
+
+@pytest.mark.skipif(os.name != "posix", reason="a shell script and signals as on POSIX")
+def test_ctrl_c_saves_the_judge_and_stops_the_script(run_dir, corpus_file, tmp_path):
+    """judge.py, as train.py: Ctrl-C saves the judge as it is, then ends as Ctrl-C would."""
+    rc, out, err = ctrl_c_in_a_script([sys.executable, "judge.py", "--corpus", corpus_file, "--ckpt",
+                                       str(run_dir / "out" / "ckpt.pt"), "--out", str(tmp_path / "judge.pt"),
+                                       "--preset", "tiny", "--max-steps", "10000000", "--batch-size", "8"])
+    assert "Traceback" not in err and "went on" not in out and rc == -signal.SIGINT, (rc, err)
+    state = torch.load(tmp_path / "judge.pt", weights_only=True)
+    assert state["kind"] == "judge" and 0 < state["step"] < 10000000
 
 
 def test_judge_file_loads_safely(run_dir, tok):

@@ -1,7 +1,6 @@
 """Crashes, kills, resumes, bad numbers and hostile input never lose work or end in a traceback."""
 import os
 import random
-import shlex
 import signal
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from hypothesis import given, settings, strategies as st
 
 import checkpoint
 import train as train_mod
-from conftest import ROOT
+from conftest import ROOT, ctrl_c_in_a_script
 from data import UserError
 from timewarp import TimeWarp
 from sample import fill_template, parse_template
@@ -133,14 +132,9 @@ def test_ctrl_c_saves_and_stops_the_script_that_ran_it(corpus_file, tok_file, tm
     and ends as Ctrl-C would, so the script stops too (bash goes on after a child that exits, 0 or 130)."""
     args = [sys.executable, "train.py", "--corpus", corpus_file, "--tokenizer", tok_file, "--out", str(tmp_path),
             "--preset", "tiny", "--batch-size", "8", "--max-steps", "100000", "--eval-every", "100000"]
-    script = " ".join(shlex.quote(a) for a in args) + "; echo went on"
-    p = subprocess.Popen(["bash", "-c", script], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         start_new_session=True)
-    time.sleep(5)
-    os.killpg(p.pid, signal.SIGINT)  # what Ctrl-C does: the terminal signals its foreground process group
-    out, err = p.communicate(timeout=60)
+    rc, out, err = ctrl_c_in_a_script(args)
     assert "Traceback" not in err, err
-    assert "went on" not in out and p.returncode == -signal.SIGINT, (p.returncode, err)
+    assert "went on" not in out and rc == -signal.SIGINT, (rc, err)
     assert "the same command resumes it" in out
     assert checkpoint.load(str(tmp_path / "ckpt.pt"))["step"] > 0  # no report before: Ctrl-C's save
 

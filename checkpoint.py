@@ -17,7 +17,7 @@ from dataclasses import asdict, fields
 import torch
 from tqdm import tqdm
 
-from data import UserError, die_of, quiet_stdout, quiet_terminal
+from data import UserError, die_of, quiet_terminal, stdout_may_close
 from diffusion import Diffusion, DiffusionConfig
 from timewarp import TimeWarp
 from model import ModelConfig, build_model
@@ -37,26 +37,32 @@ class Stopped(Exception):
 class StopFlag:
     """First SIGINT/SIGTERM/SIGHUP (a closed terminal): finish the step, save, exit. A second SIGINT
     or SIGTERM: exit at once. `release()` gives the signals back to the handlers from before, once
-    training is over; `signum` is the first signal, or 0."""
+    training is over; `signum` is the first signal, or 0. The loop asks `stopping()` each step."""
 
     def __init__(self):
-        self.stop, self.signum = False, 0
+        self.stop, self.signum, self.said = False, 0, False
         signals = [signal.SIGINT, signal.SIGTERM]
         if hasattr(signal, "SIGHUP") and signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # nohup: ignored
             signals.append(signal.SIGHUP)
         self.before = {s: signal.signal(s, self.handle) for s in signals}
 
     def handle(self, signum, frame):
+        """No printing here: the signal may come in the middle of a write to the same stream, and a
+        buffered stream refuses a second one inside it (RuntimeError: reentrant call)."""
         hangup = signum == getattr(signal, "SIGHUP", None)
         if self.stop and not hangup:  # a closed terminal may send two: the shell's and the kernel's
             die_of(signum)
         if hangup:
             quiet_terminal()
         self.stop, self.signum = True, self.signum or signum
-        try:
-            tqdm.write("stopping: saving a checkpoint (Ctrl-C again to quit at once)", file=sys.stderr)
-        except BrokenPipeError:  # Ctrl-C on `train.py | tee log` stops tee too: stdout, where the bar is, is gone
-            quiet_stdout()
+
+    def stopping(self) -> bool:
+        """Whether to stop; the first time after a signal, says so on stderr."""
+        if self.signum and not self.said:
+            self.said = True
+            with stdout_may_close():  # Ctrl-C on `train.py | tee log` stops tee too: the bar's stdout is gone
+                tqdm.write("stopping: saving a checkpoint (Ctrl-C again to quit at once)", file=sys.stderr)
+        return self.stop
 
     def release(self):
         for s, handler in self.before.items():

@@ -61,6 +61,9 @@ def run(main):
 def die_of(signum: int):
     """End the process as signal `signum` would have, after its handler did what it had to: a shell
     script stops at a command that Ctrl-C ended, and goes on after one that exited, even with 130."""
+    for f in (sys.stdout, sys.stderr):  # dying skips Python's own flush: the last lines would be lost in a log
+        with contextlib.suppress(Exception):
+            f.flush()
     signal.signal(signum, signal.SIG_DFL)
     if os.name == "posix":
         os.kill(os.getpid(), signum)

@@ -9,10 +9,11 @@ training budget is spent.
 import argparse
 import os
 import random
+import signal
 import sys
 
 import checkpoint
-from data import UserError, read_lines, run, split_valid, stdlib_sentences
+from data import UserError, die_of, read_lines, run, split_valid, stdlib_sentences
 from device import set_threads
 from model import PRESETS
 from sample import generate
@@ -58,8 +59,9 @@ def main():
         print(f"training the '{a.preset}' preset on {corpus} for {a.minutes:g} minutes (Ctrl-C stops and saves)")
         try:
             train(TrainConfig(corpus=corpus, out=a.out, preset=a.preset, max_minutes=a.minutes, eval_every=1000))
-        except checkpoint.Stopped:  # Ctrl-C: saved; the demo goes on with what was trained
-            pass
+        except checkpoint.Stopped as e:  # saved; after Ctrl-C the demo goes on with what was trained
+            if e.signum != signal.SIGINT:  # a kill or a closed terminal: it ends
+                die_of(e.signum)
 
         ckpt = checkpoint.load(os.path.join(a.out, "ckpt.pt"))
         tok, model, diffusion = checkpoint.build(ckpt, "cpu")

@@ -253,7 +253,7 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
     it = iter(batches)
     while True:
         # all processes agree on when to stop (rank 0's clock, anyone's Ctrl-C)
-        state = all_sum(torch.tensor([progress() if rank == 0 else 0.0, float(stopper.stop)]), world)
+        state = all_sum(torch.tensor([progress() if rank == 0 else 0.0, float(stopper.stopping())]), world)
         p, stop = state[0].item(), state[1].item() > 0
         if p >= 1 or stop or (cfg.stop_at_step and step >= cfg.stop_at_step):
             break
@@ -305,7 +305,10 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
             print(f"saved {ckpt_path} at step {step}" + ("; the same command resumes it" if stopper.stop else ""))
     if world > 1:
         dist.destroy_process_group()
-    if stopper.signum:  # saved; the caller decides what the signal ends (train.py: the process, as it would have)
+    # Saved; the caller decides what the signal ends (train.py: the process, as it would have). Not under
+    # torchrun, which reports the signals it got itself: a worker that dies of one counts as failed there
+    # (and is restarted, with --max-restarts).
+    if stopper.signum and world == 1:
         raise checkpoint.Stopped(stopper.signum)
     return logged
 

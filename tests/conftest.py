@@ -1,4 +1,7 @@
+import contextlib
 import os
+import re
+import select
 import shlex
 import signal
 import subprocess
@@ -15,15 +18,33 @@ torch.set_num_threads(2)
 from tokenizer import train_tokenizer  # noqa: E402
 
 
-def ctrl_c_in_a_script(args, wait=5.0):
-    """Run `ARGS; echo went on` with bash, press Ctrl-C after `wait` seconds (SIGINT to the process
-    group, as a terminal does) and return (returncode, stdout, stderr)."""
+PROGRESS = r"\| *[1-9][0-9]*/[0-9]+ \["  # a progress bar past step 0
+
+
+def read_until(p, pattern=PROGRESS, deadline_s=120) -> bytes:
+    """What process `p` writes to its stdout pipe, until `pattern` shows in it or stdout ends."""
+    seen, chunk, deadline = b"", b"-", time.monotonic() + deadline_s
+    while chunk and not re.search(pattern.encode(), seen) and time.monotonic() < deadline:
+        if select.select([p.stdout], [], [], 1)[0]:
+            chunk = os.read(p.stdout.fileno(), 4096)  # b"": it ended first
+            seen += chunk
+    return seen
+
+
+def ctrl_c_in_a_script(args):
+    """Run `ARGS; echo went on` with bash, press Ctrl-C (SIGINT to its process group, as a terminal
+    does) once its progress bar is past step 0, and return (returncode, stdout, stderr). Python's
+    stdout is left buffered, as outside tests."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
     p = subprocess.Popen(["bash", "-c", shlex.join(args) + "; echo went on"], cwd=ROOT, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, start_new_session=True)
-    time.sleep(wait)
-    os.killpg(p.pid, signal.SIGINT)
+                         stderr=subprocess.PIPE, env=env, start_new_session=True)
+    seen = read_until(p)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(p.pid, signal.SIGINT)
     out, err = p.communicate(timeout=120)
+    out, err = (seen + out).decode(errors="replace"), err.decode(errors="replace")
     return p.returncode, out, err
+
 
 # Sixteen short sentences, each told apart by its words: a tiny model can memorise them.
 SENTENCES = [

@@ -166,6 +166,7 @@ def test_ctrl_c_saves_the_judge_and_stops_the_script(run_dir, corpus_file, tmp_p
     assert "Traceback" not in err and "went on" not in out and rc == -signal.SIGINT, (rc, err)
     state = torch.load(tmp_path / "judge.pt", weights_only=True)
     assert state["kind"] == "judge" and 0 < state["step"] < 10000000
+    assert f"after {state['step']} steps" in out  # its last line, printed before it ends
 
 
 def test_judge_file_loads_safely(run_dir, tok):

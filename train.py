@@ -103,7 +103,8 @@ def validate(diffusion: Diffusion, corpus: Corpus, device, batch_size=64, max_ba
 
 def train(cfg: TrainConfig, quiet: bool = False) -> dict:
     """Train (or resume) as `cfg` says. Returns the last logged numbers; after Ctrl-C (or SIGTERM,
-    or a closed terminal) it saves, then raises checkpoint.Stopped.
+    or a closed terminal) it saves, then raises checkpoint.Stopped (in one process; under torchrun
+    it returns).
 
     Every random draw of step k (t, noise, self-conditioning) comes from a generator seeded with
     (seed, k), and the batches from a resumable order: a resumed run, and a run split over

@@ -22,7 +22,7 @@ import sysconfig
 
 import torch
 
-from tokenizer import EOS, PAD
+from tokenizer import EOS, PAD, UNK
 
 
 class UserError(Exception):
@@ -163,11 +163,16 @@ class Corpus:
     def __len__(self):
         return len(self.ids)
 
-    def note_cropped(self, what: str = "lines", hint: str = ""):
-        """One line on stderr if any line was cropped to the model's length."""
+    def notes(self, what: str = "lines", hint: str = ""):
+        """A line on stderr if any line was cropped to the model's length, and one if more than 1% of
+        the tokens are UNK (a tokenizer trained on another corpus or script)."""
         if self.cropped:
             print(f"note: {self.cropped} of {len(self)} {what} were longer than {self.max_len - 1} tokens and "
                   f"were cropped (the longest: {self.longest}, EOS included){hint}", file=sys.stderr)
+        unk = int((self.table == UNK).sum()) / max(1, int(self.lengths.sum()))
+        if unk > 0.01:
+            print(f"note: {unk:.1%} of the tokens of the {what} are UNK: the tokenizer has no piece for their "
+                  "characters (was it trained on another corpus?)", file=sys.stderr)
 
     def length_histogram(self) -> list[int]:
         """hist[n] = number of lines with n tokens (EOS included): the sampler draws lengths from it."""

@@ -265,7 +265,7 @@ def evaluate(diffusion, tok, valid_lines, judge=None, train_lines=None, length_h
     pick = torch.randperm(len(valid_lines), generator=torch.Generator().manual_seed(seed))[:num_lines]
     lines = [valid_lines[i] for i in sorted(pick.tolist())]
     corpus = Corpus(lines, tok, max_len)
-    corpus.note_cropped("held-out lines")
+    corpus.notes("held-out lines")
     # training lines as a sample would spell them: cropped to the model's length, decoded, spaces collapsed
     train_set = None
     if train_lines:

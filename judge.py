@@ -233,7 +233,7 @@ def main(argv=None):
         cfg.vocab_size, cfg.max_len = tok.vocab_size, max_len
         judge = CausalLM(cfg).to(device)
         corpus = Corpus(lines, tok, max_len)
-        corpus.note_cropped()
+        corpus.notes()
         n_params = sum(p.numel() for p in judge.parameters())
         print(f"judge: {n_params / 1e6:.2f} M parameters, {len(corpus)} lines, device {device}")
         stopper = checkpoint.StopFlag()

@@ -76,11 +76,15 @@ def compare(before, after, tolerance=5e-4) -> str:
     """Every number of two results (evaluate.py --json) side by side, marked better or worse: closer
     to the held-out lines' value where that is the goal. Differences within `tolerance` are even."""
     rows, theirs = [], {name: v for name, v, _, _ in numbers(after)}
-    for name, b, goal, ref in numbers(before):
-        if name not in theirs:
+    mine = numbers(before)
+    for name, b, goal, ref in mine:
+        if name not in theirs:  # e.g. a judge's perplexity, measured on one side only
+            rows.append(f"  {name:<40}{b:>12.4g}{'-':>12}  only before")
             continue
         a = theirs[name]
         gain = {"low": b - a, "high": a - b}.get(goal, abs(b - (ref or 0)) - abs(a - (ref or 0)))
         verdict = "even" if abs(gain) <= tolerance * max(1.0, abs(b)) else "better" if gain > 0 else "WORSE"
         rows.append(f"  {name:<40}{b:>12.4g}{a:>12.4g}  {verdict}")
+    rows += [f"  {name:<40}{'-':>12}{a:>12.4g}  only after" for name, a in theirs.items()
+             if name not in {m[0] for m in mine}]
     return "\n".join([f"  {'':<40}{'before':>12}{'after':>12}"] + rows)

@@ -56,8 +56,8 @@ def parse_template(template: str, tok, max_len: int, gap_length: int = 6, open_l
         if m.group(1) is not None and (size is None or int(size[2]) < 1):
             raise UserError(f"bad gap {m.group(0)!r} in template: write [gap], [gap:N] or [gap:..N] with N a whole number from 1")
         open_, n = (bool(size[1]), size[2]) if size else (False, gap_length)
-        if int(n) > max_len:
-            raise UserError(f"gap {m.group(0)!r} is longer than the model takes: at most {max_len} tokens")
+        if int(n) > max_len - 1:  # and the EOS
+            raise UserError(f"gap {m.group(0)!r} is longer than the model takes: at most {max_len - 1} tokens")
         n, marker = int(n), open_ and open_lengths is None
         n = 1 if marker else next(open_lengths) if open_ else n
         gaps.append((len(ids), len(ids) + n))
@@ -66,7 +66,7 @@ def parse_template(template: str, tok, max_len: int, gap_length: int = 6, open_l
         up_to += [int(size[2]) if marker else 0] * n
         pos = m.end()
     if not gaps:
-        raise UserError(f"template {template[:60]!r} has no gap: mark where text goes with [gap] or [gap:N]")
+        raise UserError(f"template {template.strip()[:60]!r} has no gap: mark where text goes with [gap] or [gap:N]")
     text = template[pos:].strip()
     if text:
         piece = encode_context(tok, template, pos, text)
@@ -78,7 +78,7 @@ def parse_template(template: str, tok, max_len: int, gap_length: int = 6, open_l
     up_to.append(0)
     need = len(ids) + sum(n - 1 for n in up_to if n)  # a gap of open length may take all its N
     if need > max_len:
-        raise UserError(f"template {template[:60]!r} needs {need} tokens (EOS included) but the model takes at most "
+        raise UserError(f"template {template.strip()[:60]!r} needs {need} tokens (EOS included) but the model takes at most "
                         f"{max_len}; shorten it or its gaps")
     return ids, cond, gaps, up_to
 

@@ -179,7 +179,7 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
             print(f"note: the tokenizer has {tok.vocab_size} pieces, not --vocab-size {cfg.vocab_size}: "
                   f"the corpus is too small for more", file=sys.stderr)
     if rank == 0:
-        corpus.note_cropped(hint="; --max-len sets the model's length" if resume is None else "")
+        corpus.notes(hint="; --max-len sets the model's length" if resume is None else "")
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if rank == 0:
         checkpoint.check_writable(cfg.out, n_params * 4 * 3 * (1 + cfg.keep))

@@ -36,6 +36,15 @@ def test_corpus_crops_and_appends_eos(tok):
     assert sum(c.length_histogram()) == 2
 
 
+def test_corpus_notes_lines_the_tokenizer_does_not_cover(tok, capsys):
+    """A tokenizer of another corpus (here: another script) gives UNK for most of the text: a note says so."""
+    Corpus(["a black cat", "the red fox"], tok, max_len=32).notes()
+    assert capsys.readouterr().err == ""
+    Corpus(["a black cat", "ζωή και θάνατος"], tok, max_len=32).notes("held-out lines")
+    err = capsys.readouterr().err
+    assert "UNK" in err and "held-out lines" in err and len(err.splitlines()) == 1, err
+
+
 def test_batch_masks(tok):
     c = Corpus(["a black cat sleeps", "the cold river runs past the mill", "hi"], tok, max_len=32)
     b = c.batch([0, 1, 2], torch.Generator().manual_seed(0))

@@ -76,6 +76,10 @@ def test_compare_marks_better_and_worse(tmp_path, capsys):
     lines = {line.split("  ")[1].strip(): line.split()[-1] for line in evaluate.compare(before, after).splitlines()[1:]}
     assert lines["infilling span acc"] == "better" and lines["samples judge_ppl"] == "WORSE"
     assert lines["samples entropy"] == "better" and lines["denoising t=0.5 acc"] == "even"
+    unjudged = result(0.3, None, 4.2)  # evaluate.py without --judge
+    for (a, b), side in ((before, unjudged), "before"), ((unjudged, before), "after"):
+        row = [line for line in evaluate.compare(a, b).splitlines() if "judge_ppl" in line]
+        assert len(row) == 1 and row[0].split()[-2:] == ["only", side]
     paths = [tmp_path / "a.json", tmp_path / "b.json"]
     for path, r in zip(paths, (before, after)):
         path.write_text(json.dumps(r))

@@ -51,6 +51,7 @@ def test_gap_at_the_edges(tok):
     ("a [gap:..60] b", "at most"),
     ("a [gap:2] b [gap:3 c", "bad gap"),  # beside a good gap, a broken one is not taken for text
     ("a [gap:2] b [Gap:3] c", "bad gap"),
+    ("[gap:32]", "at most 31 tokens"),  # the EOS takes one of the 32
 ])
 def test_bad_templates(tok, template, message):
     with pytest.raises(UserError, match=message):

@@ -244,20 +244,19 @@ def main():
         if any(re.search(r"\[gap:\s*\.\.", t) for t in templates) and not checkpoint.knows_gap_lengths(ckpt):
             print("note: this checkpoint was trained with --open-rate 0 or before it existed, so it has not learnt "
                   "how long a [gap:..N] should be: the lengths it gives are guesses", file=sys.stderr)
-        on_step = None
-        if a.show_steps:
-            every = max(1, steps // 10)
+        every = max(1, steps // 10)
 
-            def on_step(i, ids):
-                if (i + 1) % every == 0 or i == 0:
-                    for row in ids[::candidates].tolist():  # the first candidate of each text
-                        print(f"[step {i + 1:>3}/{steps}] {tok.decode(row)}")
+        def show_step(i, ids):  # --show-steps
+            if (i + 1) % every == 0 or i == 0:
+                for row in ids[::candidates].tolist():  # the first candidate of each text
+                    print(f"[step {i + 1:>3}/{steps}] {tok.decode(row)}")
+
         def show(texts):  # each batch as it is done: a long template file shows progress, and Ctrl-C keeps it
             print(*texts, sep="\n", flush=True)
 
         generate(diffusion, tok, templates=templates, prefix=a.prefix, num_samples=a.num_samples,
                  steps=steps, sampler=a.sampler or None, seed=a.seed, length=a.length,
-                 lengths_from=ckpt.get("length_hist"), gap_length=a.gap_length, on_step=on_step,
+                 lengths_from=ckpt.get("length_hist"), gap_length=a.gap_length, on_step=show_step if a.show_steps else None,
                  spacing=a.spacing or None, guidance=a.guidance, temperature=a.temperature, snap=a.snap,
                  candidates=candidates, on_texts=show)
     except UserError as e:

@@ -5,19 +5,18 @@ A checkpoint holds the model and optimizer states, the step, the RNG states, eve
 dict and the tokenizer model's bytes: `sample.py` needs nothing else. Files are loaded with
 `weights_only=True`, so a checkpoint from a stranger cannot run code.
 """
+import contextlib
 import os
 import pickle
 import re
 import shutil
 import signal
-import sys
 import tempfile
 from dataclasses import asdict, fields
 
 import torch
-from tqdm import tqdm
 
-from data import UserError, die_of, quiet_terminal, stdout_may_close
+from data import UserError, die_of, quiet_terminal
 from diffusion import Diffusion, DiffusionConfig
 from timewarp import TimeWarp
 from model import ModelConfig, build_model
@@ -37,32 +36,26 @@ class Stopped(Exception):
 class StopFlag:
     """First SIGINT/SIGTERM/SIGHUP (a closed terminal): finish the step, save, exit. A second SIGINT
     or SIGTERM: exit at once. `release()` gives the signals back to the handlers from before, once
-    training is over; `signum` is the first signal, or 0. The loop asks `stopping()` each step."""
+    training is over; `signum` is the first signal, or 0."""
 
     def __init__(self):
-        self.stop, self.signum, self.said = False, 0, False
+        self.stop, self.signum = False, 0
         signals = [signal.SIGINT, signal.SIGTERM]
         if hasattr(signal, "SIGHUP") and signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # nohup: ignored
             signals.append(signal.SIGHUP)
         self.before = {s: signal.signal(s, self.handle) for s in signals}
 
     def handle(self, signum, frame):
-        """No printing here: the signal may come in the middle of a write to the same stream, and a
-        buffered stream refuses a second one inside it (RuntimeError: reentrant call)."""
         hangup = signum == getattr(signal, "SIGHUP", None)
         if self.stop and not hangup:  # a closed terminal may send two: the shell's and the kernel's
             die_of(signum)
         if hangup:
             quiet_terminal()
         self.stop, self.signum = True, self.signum or signum
-
-    def stopping(self) -> bool:
-        """Whether to stop; the first time after a signal, says so on stderr."""
-        if self.signum and not self.said:
-            self.said = True
-            with stdout_may_close():  # Ctrl-C on `train.py | tee log` stops tee too: the bar's stdout is gone
-                tqdm.write("stopping: saving a checkpoint (Ctrl-C again to quit at once)", file=sys.stderr)
-        return self.stop
+        # os.write, not print: the signal may come in the middle of a print, and a buffered stream
+        # refuses a second write inside one (RuntimeError: reentrant call)
+        with contextlib.suppress(OSError):  # stderr closed
+            os.write(2, b"\nstopping: saving where it is (Ctrl-C again to quit at once)\n")
 
     def release(self):
         for s, handler in self.before.items():

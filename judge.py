@@ -124,7 +124,7 @@ def fit(judge, corpus: Corpus, max_steps=0, max_minutes=0.0, batch_size=64, lr=1
         for batch in Batches(corpus, batch_size, seed=seed):  # its infilling masks are not used
             progress = max(step / max_steps if max_steps else 0.0,
                            (time.time() - start) / (60 * max_minutes) if max_minutes else 0.0)
-            if progress >= 1 or (stop and stop.stopping()):
+            if progress >= 1 or (stop and stop.stop):
                 break
             for g in opt.param_groups:
                 g["lr"] = lr_at(sched, step, progress)

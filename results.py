@@ -85,6 +85,6 @@ def compare(before, after, tolerance=5e-4) -> str:
         gain = {"low": b - a, "high": a - b}.get(goal, abs(b - (ref or 0)) - abs(a - (ref or 0)))
         verdict = "even" if abs(gain) <= tolerance * max(1.0, abs(b)) else "better" if gain > 0 else "WORSE"
         rows.append(f"  {name:<40}{b:>12.4g}{a:>12.4g}  {verdict}")
-    rows += [f"  {name:<40}{'-':>12}{a:>12.4g}  only after" for name, a in theirs.items()
-             if name not in {m[0] for m in mine}]
+    ours = {m[0] for m in mine}
+    rows += [f"  {name:<40}{'-':>12}{a:>12.4g}  only after" for name, a in theirs.items() if name not in ours]
     return "\n".join([f"  {'':<40}{'before':>12}{'after':>12}"] + rows)

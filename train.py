@@ -254,7 +254,7 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
     it = iter(batches)
     while True:
         # all processes agree on when to stop (rank 0's clock, anyone's Ctrl-C)
-        state = all_sum(torch.tensor([progress() if rank == 0 else 0.0, float(stopper.stopping())]), world)
+        state = all_sum(torch.tensor([progress() if rank == 0 else 0.0, float(stopper.stop)]), world)
         p, stop = state[0].item(), state[1].item() > 0
         if p >= 1 or stop or (cfg.stop_at_step and step >= cfg.stop_at_step):
             break
@@ -308,7 +308,7 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
         dist.destroy_process_group()
     # Saved; the caller decides what the signal ends (train.py: the process, as it would have). Not under
     # torchrun, which reports the signals it got itself: a worker that dies of one counts as failed there
-    # (and is restarted, with --max-restarts).
+    # (and, where the signal reached that worker alone, is restarted with --max-restarts).
     if stopper.signum and world == 1:
         raise checkpoint.Stopped(stopper.signum)
     return logged

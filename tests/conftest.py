@@ -34,14 +34,19 @@ def read_until(p, pattern=PROGRESS, deadline_s=120) -> bytes:
 def ctrl_c_in_a_script(args):
     """Run `ARGS; echo went on` with bash, press Ctrl-C (SIGINT to its process group, as a terminal
     does) once its progress bar is past step 0, and return (returncode, stdout, stderr). Python's
-    stdout is left buffered, as outside tests."""
+    stdout is left buffered, as outside tests; stderr is read at the end (it holds a few notes)."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
     p = subprocess.Popen(["bash", "-c", shlex.join(args) + "; echo went on"], cwd=ROOT, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, env=env, start_new_session=True)
-    seen = read_until(p)
-    with contextlib.suppress(ProcessLookupError):
+                         stderr=subprocess.PIPE, env=env, start_new_session=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # pytest run with it ignored
+    try:
+        seen = read_until(p)
+        assert re.search(PROGRESS.encode(), seen), seen[-2000:]
         os.killpg(p.pid, signal.SIGINT)
-    out, err = p.communicate(timeout=120)
+        out, err = p.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)  # whatever is left, on a failure
     out, err = (seen + out).decode(errors="replace"), err.decode(errors="replace")
     return p.returncode, out, err
 

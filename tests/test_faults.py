@@ -136,7 +136,7 @@ def test_ctrl_c_saves_and_stops_the_script_that_ran_it(corpus_file, tok_file, tm
     rc, out, err = ctrl_c_in_a_script(args)
     assert "Traceback" not in err, err
     assert "went on" not in out and rc == -signal.SIGINT, (rc, err)
-    assert "the same command resumes it" in out
+    assert "the same command resumes it" in out and "stopping: saving where it is" in err
     assert checkpoint.load(str(tmp_path / "ckpt.pt"))["step"] > 0  # no report before: Ctrl-C's save
 
 

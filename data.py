@@ -147,11 +147,13 @@ class Corpus:
 
     def __init__(self, lines: list[str], tok, max_len: int):
         self.ids, self.cropped, self.longest = [], 0, 0  # longest: in tokens before cropping, EOS included
+        self.unk = 0  # UNK tokens, for the note
         for line in lines:
             ids = tok.encode(line)
             self.longest = max(self.longest, len(ids) + 1)
             if len(ids) > max_len - 1:
                 ids, self.cropped = ids[: max_len - 1], self.cropped + 1
+            self.unk += ids.count(UNK)
             self.ids.append(ids + [EOS])
         self.lengths = torch.tensor([len(x) for x in self.ids])  # (N,)
         self.max_len = max_len
@@ -169,7 +171,7 @@ class Corpus:
         if self.cropped:
             print(f"note: {self.cropped} of {len(self)} {what} were longer than {self.max_len - 1} tokens and "
                   f"were cropped (the longest: {self.longest}, EOS included){hint}", file=sys.stderr)
-        unk = int((self.table == UNK).sum()) / max(1, int(self.lengths.sum()))
+        unk = self.unk / max(1, int(self.lengths.sum()))
         if unk > 0.01:
             print(f"note: {unk:.1%} of the tokens of the {what} are UNK: the tokenizer has no piece for their "
                   "characters (was it trained on another corpus?)", file=sys.stderr)

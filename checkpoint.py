@@ -183,7 +183,7 @@ def load(path: str, map_location="cpu") -> dict:
 # their steps, temperature and spacing, which they used for templates too). Any other missing key is
 # an error.
 ADDED_LATER = {"backbone": "estimator", "spacing": "uniform", "temperature": 1.0, "snap": 0.0, "skip": False,
-               "infill_candidates": 1}
+               "infill_candidates": 1, "expected": False}
 
 
 def config_from(cls, d: dict, what: str):

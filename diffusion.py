@@ -41,6 +41,9 @@ class DiffusionConfig:
     self_cond_rate: float = 0.5   # share of training batches that get a self-conditioning pass
     ce_weight: float = 1.0        # loss = mse + ce_weight * ce
     skip: bool = False            # x̂0 = √γ x_t + √(1-γ) net(...): see Diffusion.denoise
+    # x̂0 in the MSE: the expected embedding under the tied logits, softmax(logits) @ embeddings (the
+    # estimate the sampler steps with), not the network's output itself; see Diffusion.loss.
+    expected: bool = True
     # Sampling defaults, measured with evaluate.py (README, "Few steps"): 20 ancestral steps,
     # short ones at high noise, a slightly sharpened interpolation, beat 200 plain DDIM steps (the
     # fills' default); samples gain from more, fills do not (EXPERIMENTS.md, "What sample fluency
@@ -236,7 +239,11 @@ class Diffusion:
     def loss(self, ids, length_mask, cond_mask, t=None, gen=None, eps=None, self_cond=None, denom=None,
              target_index=None, mse_weight=None, gap_length=None, gap_index=None, gap_denom=None):
         """MSE on x̂0 plus cross-entropy on the tied logits, both averaged over the positions to
-        generate (inside the length mask, outside the context). Returns a dict of scalars:
+        generate (inside the length mask, outside the context). With `expected` (the default), x̂0
+        is the expected embedding under the logits: sure of a token, it is that token's embedding,
+        whatever the norm of the network's output, so the estimate can be exact where the tokens
+        are plain to read; the network's output is still pulled towards x0 by its own MSE, weighed
+        by 1 - γ(t), the share of x0 that the noise hides. Returns a dict of scalars:
         loss (to minimise), mse, ce and acc (token accuracy on those positions), and ce_each, the (N,)
         cross-entropy of each of those positions (for the time warp).
 
@@ -285,13 +292,18 @@ class Diffusion:
         pick = lambda x: x.flatten(0, 1)[target_index]  # noqa: E731  (B, L, ...) -> (N, ...)
         x0_hat, x0, y = pick(x0_hat).float(), pick(x0), pick(ids)  # (N, E), (N, E), (N,)
         n = max(1, len(target_index)) if denom is None else denom
-        mse = ((x0_hat - x0) ** 2).mean(-1)  # (N,)
-        if mse_weight is not None:
-            mse = mse * mse_weight[target_index // L]
-        ce, pred = tied_cross_entropy(x0_hat, self.model.readout(), y)  # (N,), (N,)
+        if self.cfg.expected:  # the estimate is the expected embedding under the tied logits
+            ce, pred, est = tied_cross_entropy(x0_hat, self.model.readout(), y, self.model.embeddings())
+        else:  # the estimate is the network's output
+            (ce, pred), est = tied_cross_entropy(x0_hat, self.model.readout(), y), x0_hat  # (N,), (N,); (N, E)
+        row_weight = torch.ones(len(y), device=dev) if mse_weight is None else mse_weight[target_index // L]  # (N,)
+        mse = ((est - x0) ** 2).mean(-1) * row_weight  # (N,)
         out = {"mse": mse.sum() / n, "ce": ce.sum() / n, "acc": (pred == y).float().sum() / n}
         out["gap_ce"] = gap_ce.sum() / (max(1, len(gap_index)) if gap_denom is None else gap_denom)
         out["loss"] = out["mse"] + self.cfg.ce_weight * out["ce"] + GAP_WEIGHT * out["gap_ce"]
+        if self.cfg.expected:  # the network's own output still learns x0 where the noise hides it
+            hidden = (1 - gamma[:, 0, 0])[target_index // L]  # (N,) the share of x0's variance that x_t hides
+            out["loss"] = out["loss"] + (((x0_hat - x0) ** 2).mean(-1) * hidden * row_weight).sum() / n
         out["ce_each"] = ce.detach()  # (N,) per position, for the time warp; not a scalar
         return out
 

@@ -92,36 +92,51 @@ class TiedCrossEntropy(torch.autograd.Function):
     all the (N, V) logits: they are computed a chunk of rows at a time in forward, and recomputed in
     backward (one more (N, E) x (E, V) matmul, about 2% of a training step's FLOPs). On a CPU the
     plain way, which stores the logits, their log-softmax and the gradient of each, cost more time
-    than the whole transformer: fresh 64 MB tensors mean page faults on every pass."""
+    than the whole transformer: fresh 64 MB tensors mean page faults on every pass.
+
+    Given the (V, E) embeddings `e`, it also returns softmax(logits) @ e, the expected embedding
+    under the logits' distribution (else an empty tensor), in the same chunks."""
 
     @staticmethod
-    def forward(ctx, x, w, target):  # x: (N, E); w: (V, E); target: (N,)
+    def forward(ctx, x, w, target, e):  # x: (N, E); w: (V, E); target: (N,); e: (V, E) or None
         ce, pred = torch.empty(len(x), device=x.device), torch.empty_like(target)
+        mix = torch.empty_like(x) if e is not None else x.new_empty(0)
         for rows in row_chunks(len(x), len(w)):
             logits = x[rows] @ w.t()  # (n, V)
-            ce[rows] = logits.logsumexp(-1) - logits.gather(1, target[rows, None])[:, 0]
+            lse = logits.logsumexp(-1)  # (n,)
+            ce[rows] = lse - logits.gather(1, target[rows, None])[:, 0]
             pred[rows] = logits.argmax(-1)
-        ctx.save_for_backward(x, w, target)
+            if e is not None:
+                mix[rows] = (logits - lse[:, None]).exp_() @ e
+        ctx.save_for_backward(x, w, target, e)
         ctx.mark_non_differentiable(pred)
-        return ce, pred
+        return ce, pred, mix
 
     @staticmethod
-    def backward(ctx, grad_ce, grad_pred):
-        x, w, target = ctx.saved_tensors
+    def backward(ctx, grad_ce, grad_pred, grad_mix):
+        x, w, target, e = ctx.saved_tensors
+        mixed = e is not None and grad_mix is not None and grad_mix.numel() > 0
         grad_x, grad_w = torch.empty_like(x), torch.zeros_like(w)
+        grad_e = torch.zeros_like(e) if mixed else None
         for rows in row_chunks(len(x), len(w)):
-            g = (x[rows] @ w.t()).softmax(-1)  # (n, V); d ce / d logits = softmax - one-hot
-            g[torch.arange(len(g), device=g.device), target[rows]] -= 1
-            g *= grad_ce[rows, None]
+            p = (x[rows] @ w.t()).softmax(-1)  # (n, V)
+            g = p * grad_ce[rows, None]  # d ce / d logits = softmax - one-hot
+            g[torch.arange(len(g), device=g.device), target[rows]] -= grad_ce[rows]
+            if mixed:  # d (p @ e) / d logits: p * (a - p . a), with a = grad_mix @ e.T
+                a = grad_mix[rows] @ e.t()  # (n, V)
+                g += p * (a - (p * a).sum(-1, keepdim=True))
+                grad_e.addmm_(p.t(), grad_mix[rows])
             grad_x[rows] = g @ w
             grad_w.addmm_(g.t(), x[rows])
-        return grad_x, grad_w, None
+        return grad_x, grad_w, None, grad_e
 
 
-def tied_cross_entropy(x, w, target):
-    """(N, E) estimates, (V, E) read-out, (N,) targets -> per-row cross-entropy and argmax, in float32."""
+def tied_cross_entropy(x, w, target, e=None):
+    """(N, E) estimates, (V, E) read-out, (N,) targets -> per-row cross-entropy and argmax, in
+    float32; and, given the (V, E) embeddings `e`, the (N, E) expected embedding too."""
     with torch.autocast("cuda" if x.is_cuda else "cpu", enabled=False):
-        return TiedCrossEntropy.apply(x.float(), w.float(), target)
+        ce, pred, mix = TiedCrossEntropy.apply(x.float(), w.float(), target, None if e is None else e.float())
+    return (ce, pred) if e is None else (ce, pred, mix)
 
 
 class TimeEmbedding(nn.Module):

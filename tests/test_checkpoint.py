@@ -91,11 +91,13 @@ def test_a_checkpoint_of_an_unregistered_backbone_is_a_clear_error(tok):
 def test_a_setting_added_later_reproduces_old_checkpoints():
     """A checkpoint written before a setting existed loads with the value it was made with; any
     other missing key is still an error."""
-    later = ("temperature", "spacing", "skip", "infill_steps", "infill_temperature", "infill_spacing", "infill_candidates")
+    later = ("temperature", "spacing", "skip", "infill_steps", "infill_temperature", "infill_spacing", "infill_candidates",
+             "expected")
     old = {k: v for k, v in DiffusionConfig().__dict__.items() if k not in later}
     cfg = checkpoint.config_from(DiffusionConfig, old, "diffusion")
     assert cfg.temperature == cfg.infill_temperature == 1.0 and cfg.spacing == cfg.infill_spacing == "uniform"
     assert cfg.skip is False and cfg.infill_candidates == 1 < DiffusionConfig.infill_candidates  # one fill, as before
+    assert cfg.expected is False and DiffusionConfig.expected  # x̂0 the network's output, as before
     # the infill settings came later still: a checkpoint without them fills templates as it samples
     cfg = checkpoint.config_from(DiffusionConfig, {**old, "temperature": 0.9, "spacing": "quadratic", "steps": 20},
                                  "diffusion")

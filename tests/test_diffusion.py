@@ -40,13 +40,18 @@ def test_schedule_endpoints_and_monotone(name):
     assert g2[-1].item() == pytest.approx(0.0, abs=1e-6) and (g2[1:] < g2[:-1]).all() and (g2 <= g + 1e-6).all()
 
 
-def test_loss_parts_are_finite_and_positive():
-    d = make()
+@pytest.mark.parametrize("expected", [True, False])
+def test_loss_parts_are_finite_and_positive(expected):
+    d = make(expected=expected)
     out = d.loss(*batch())
     assert set(out) == {"loss", "mse", "ce", "acc", "ce_each", "gap_ce"}
     assert all(torch.isfinite(v).all() for v in out.values())
     assert out["ce"].item() == pytest.approx(out["ce_each"].sum().item() / len(out["ce_each"]), rel=1e-5)
-    assert out["loss"].item() == pytest.approx(out["mse"].item() + out["ce"].item(), rel=1e-5)
+    parts = out["mse"].item() + out["ce"].item()  # no gaps of open length here
+    if expected:  # plus the output's own MSE (test_expected_estimate_is_the_mixture_of_embeddings)
+        assert out["loss"].item() > parts
+    else:
+        assert out["loss"].item() == pytest.approx(parts, rel=1e-5)
 
 
 def test_mse_weight_scales_each_rows_mse():
@@ -338,7 +343,7 @@ def test_gap_lengths_are_the_median_within_the_bound():
 
 def test_gap_loss_is_the_cross_entropy_at_the_markers():
     """The markers' mean length cross-entropy joins the loss, weighed by GAP_WEIGHT."""
-    d = make()
+    d = make(expected=False)  # loss = mse + ce + the gap term (the expected estimate adds one more)
     ids, length_mask, cond_mask = batch()
     gap_length = torch.zeros_like(ids)
     gap_length[0, 3], gap_length[2, 1] = 4, 7
@@ -369,3 +374,27 @@ def test_snapping_steps_with_token_embeddings():
         x_self = seen[1][length_mask]  # the first step's estimate, as the second step sees it
         on_token = torch.allclose(x_self, table[5].expand_as(x_self), atol=1e-5)
         assert on_token == (snap == 1.0)  # snapped: token 5's own embedding; else the interpolation
+
+
+def test_expected_estimate_is_the_mixture_of_embeddings():
+    """With `expected` (the default), the MSE is that of softmax(tied logits) @ embeddings: a network
+    that points firmly at the right tokens has an MSE near 0 there, whatever the norm of its output,
+    and the loss adds its output's own MSE weighed by 1 - γ(t); without it, the output's MSE."""
+    ids, length_mask, cond_mask = batch()
+    target = length_mask & ~cond_mask
+    for scale in (4.0, 0.05):  # sure, then unsure of the right tokens
+        d, plain = make(), make(expected=False)
+        for diff in (d, plain):  # the output: the true tokens' embeddings times `scale`
+            diff.model.forward = lambda x_t, x_cond, x_self, t, mask, m=diff.model: scale * m.embeddings()[ids]
+        kw = dict(t=torch.full((4,), 0.5), gen=torch.Generator().manual_seed(0), self_cond=False)
+        parts, raw = d.loss(ids, length_mask, cond_mask, **kw), plain.loss(ids, length_mask, cond_mask, **kw)["mse"].item()
+        mse = parts["mse"].item()
+        assert raw == pytest.approx((scale - 1) ** 2, rel=1e-4)  # each coordinate off by (scale - 1) x its unit scale
+        with torch.no_grad():
+            emb = d.model.embeddings()
+            mix = (scale * emb[ids][target] @ d.model.readout().t()).softmax(-1) @ emb
+            assert mse == pytest.approx(((mix - emb[ids][target]) ** 2).mean().item(), rel=1e-4)
+        assert (mse < 1e-3) == (scale > 1)
+        hidden = 1 - d.gamma(torch.tensor(0.5)).item()
+        rest = (parts["loss"] - parts["mse"] - parts["ce"] - GAP_WEIGHT * parts["gap_ce"]).item()
+        assert rest == pytest.approx(hidden * raw, rel=1e-4)

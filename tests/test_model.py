@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -80,22 +81,34 @@ def test_interpolation_temperature_sharpens_towards_the_best_token():
     assert torch.equal(m.interpolate(x0_hat, 0.5)[1], m.interpolate(x0_hat, 2.0)[1])  # argmax unchanged
 
 
-def test_tied_cross_entropy_matches_the_plain_formula():
-    """Chunked and recomputed in backward, it must equal F.cross_entropy over the full logits."""
+@pytest.mark.parametrize("expected", [False, True])
+def test_tied_cross_entropy_matches_the_plain_formula(expected):
+    """Chunked and recomputed in backward, it must equal F.cross_entropy over the full logits, and
+    with embeddings given, softmax(logits) @ e, gradients included."""
     g = torch.Generator().manual_seed(0)
     N, E, V = 600, 8, 5000
     assert len(row_chunks(N, V)) > 1  # the test must cross chunk borders
     x = torch.randn(N, E, generator=g, requires_grad=True)
     w = torch.randn(V, E, generator=g, requires_grad=True)
+    e = torch.randn(V, E, generator=g, requires_grad=True)
     y = torch.randint(0, V, (N,), generator=g)
     weights = torch.rand(N, generator=g)  # a non-uniform upstream gradient
-    ce, pred = tied_cross_entropy(x, w, y)
-    (ce * weights).sum().backward()
-    gx, gw = x.grad.clone(), w.grad.clone()
-    x.grad = w.grad = None
+    up = torch.randn(N, E, generator=g)  # the same for the expected embedding
+    if expected:
+        ce, pred, mix = tied_cross_entropy(x, w, y, e)
+        ((ce * weights).sum() + (mix * up).sum()).backward()
+    else:
+        ce, pred = tied_cross_entropy(x, w, y)
+        (ce * weights).sum().backward()
+    grads = [t.grad.clone() if t.grad is not None else torch.zeros_like(t) for t in (x, w, e)]
+    x.grad = w.grad = e.grad = None
     logits = x @ w.t()
     ref = F.cross_entropy(logits, y, reduction="none")
-    (ref * weights).sum().backward()
+    ref_mix = logits.softmax(-1) @ e
+    ((ref * weights).sum() + expected * (ref_mix * up).sum()).backward()
     assert torch.allclose(ce, ref, atol=1e-4)
     assert torch.equal(pred, logits.argmax(-1))
-    assert torch.allclose(gx, x.grad, atol=1e-4) and torch.allclose(gw, w.grad, atol=1e-4)
+    if expected:
+        assert torch.allclose(mix, ref_mix, atol=1e-4)
+    for got, t in zip(grads, (x, w, e)):
+        assert torch.allclose(got, t.grad if t.grad is not None else torch.zeros_like(t), atol=1e-4)

@@ -118,7 +118,7 @@ def check_resume(ckpt: dict, path: str, run: dict):
         raise UserError(f"{path} is not a checkpoint written by train.py (a judge?); use another --out")
     before, shape = ckpt.get("train_config", {}), ckpt["model_config"]
     for key in ("preset", "max_len", "embed_dim", "backbone", "schedule", "noise_scale", "uncond_rate", "sampler",
-                "self_cond_rate", "skip", "open_rate", "batch_size", "seed"):
+                "self_cond_rate", "skip", "expected", "open_rate", "batch_size", "seed"):
         was, now = before.get(key), run[key]
         if key in ("max_len", "embed_dim"):  # 0: the model's own; a number: compare with the model's
             if not now:

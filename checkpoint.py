@@ -120,6 +120,8 @@ def check_resume(ckpt: dict, path: str, run: dict):
     for key in ("preset", "max_len", "embed_dim", "backbone", "schedule", "noise_scale", "uncond_rate", "sampler",
                 "self_cond_rate", "skip", "expected", "open_rate", "batch_size", "seed"):
         was, now = before.get(key), run[key]
+        if key == "expected":  # the loss the checkpoint was trained with: its diffusion config says
+            was = ckpt.get("diffusion_config", {}).get(key, ADDED_LATER[key])
         if key in ("max_len", "embed_dim"):  # 0: the model's own; a number: compare with the model's
             if not now:
                 continue

@@ -127,9 +127,11 @@ def hide(kind, n, gen):
 
 @torch.no_grad()
 def denoising(diffusion, corpus, times=TIMES, seed=0, batch_size=64) -> dict:
-    """{t: {mse, ce, acc}} from Diffusion.loss at each fixed t, token-weighted over all lines."""
+    """{t: {mse, ce, acc}} from Diffusion.loss at each fixed t, token-weighted over all lines. The
+    mse is always that of the network's output, also for a checkpoint trained with `expected`
+    (whose loss scores the expected embedding): one quantity for every checkpoint."""
     # A copy with self-conditioning off: the caller's config is left as it is.
-    plain = Diffusion(diffusion.model, replace(diffusion.cfg, self_cond_rate=0.0))
+    plain = Diffusion(diffusion.model, replace(diffusion.cfg, self_cond_rate=0.0, expected=False))
     device = next(diffusion.model.parameters()).device
     order = torch.argsort(corpus.lengths, stable=True).tolist()
     out = {}

@@ -64,7 +64,7 @@ class TrainConfig:
     self_cond_rate: float = 0.5
     mse_reweight: bool = True  # with warped t, give the MSE at every t at least its uniform share
     skip: bool = False         # the network predicts what x_t misses of x0 (Diffusion.denoise)
-    expected: bool = True      # x̂0 is the expected embedding under the tied logits (Diffusion.loss)
+    expected: bool = False     # x̂0 is the expected embedding under the tied logits (Diffusion.loss)
     embed_dim: int = 0         # 0: the preset's
     open_rate: float = 0.1     # share of rows that teach the lengths of gaps of open length ([gap:..N])
     ema: float = 0.0           # decay of a moving average of the weights for sampling (0: none)
@@ -445,8 +445,8 @@ def parse_args(argv=None) -> TrainConfig:
     p.add_argument("--no-mse-reweight", dest="mse_reweight", action="store_false",
                    help="with warped t, let the MSE follow the warp too (see TimeWarp.mse_weight)")
     p.add_argument("--skip", action="store_true", help="the network predicts what x_t misses of x0, not x0 (see Diffusion.denoise)")
-    p.add_argument("--no-expected", dest="expected", action="store_false",
-                   help="x̂0 is the network's output, not the expected embedding under the tied logits (see Diffusion.loss)")
+    p.add_argument("--expected", action="store_true",
+                   help="x̂0 is the expected embedding under the tied logits, not the network's output (see Diffusion.loss)")
     p.add_argument("--embed-dim", type=int, default=d.embed_dim, help="width E of the token embeddings the diffusion runs in (0: the preset's)")
     p.add_argument("--open-rate", type=float, default=d.open_rate,
                    help="share of rows that teach how long a hidden span is, from the words around it: [gap:..N] needs it")

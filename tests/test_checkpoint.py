@@ -97,7 +97,7 @@ def test_a_setting_added_later_reproduces_old_checkpoints():
     cfg = checkpoint.config_from(DiffusionConfig, old, "diffusion")
     assert cfg.temperature == cfg.infill_temperature == 1.0 and cfg.spacing == cfg.infill_spacing == "uniform"
     assert cfg.skip is False and cfg.infill_candidates == 1 < DiffusionConfig.infill_candidates  # one fill, as before
-    assert cfg.expected is False and DiffusionConfig.expected  # x̂0 the network's output, as before
+    assert cfg.expected is False  # x̂0 the network's output, as before
     # the infill settings came later still: a checkpoint without them fills templates as it samples
     cfg = checkpoint.config_from(DiffusionConfig, {**old, "temperature": 0.9, "spacing": "quadratic", "steps": 20},
                                  "diffusion")

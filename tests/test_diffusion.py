@@ -343,7 +343,7 @@ def test_gap_lengths_are_the_median_within_the_bound():
 
 def test_gap_loss_is_the_cross_entropy_at_the_markers():
     """The markers' mean length cross-entropy joins the loss, weighed by GAP_WEIGHT."""
-    d = make(expected=False)  # loss = mse + ce + the gap term (the expected estimate adds one more)
+    d = make()  # loss = mse + ce + the gap term (the expected estimate adds one more)
     ids, length_mask, cond_mask = batch()
     gap_length = torch.zeros_like(ids)
     gap_length[0, 3], gap_length[2, 1] = 4, 7
@@ -377,13 +377,13 @@ def test_snapping_steps_with_token_embeddings():
 
 
 def test_expected_estimate_is_the_mixture_of_embeddings():
-    """With `expected` (the default), the MSE is that of softmax(tied logits) @ embeddings: a network
+    """With `expected`, the MSE is that of softmax(tied logits) @ embeddings: a network
     that points firmly at the right tokens has an MSE near 0 there, whatever the norm of its output,
     and the loss adds its output's own MSE weighed by 1 - γ(t); without it, the output's MSE."""
     ids, length_mask, cond_mask = batch()
     target = length_mask & ~cond_mask
     for scale in (4.0, 0.05):  # sure, then unsure of the right tokens
-        d, plain = make(), make(expected=False)
+        d, plain = make(expected=True), make()
         for diff in (d, plain):  # the output: the true tokens' embeddings times `scale`
             diff.model.forward = lambda x_t, x_cond, x_self, t, mask, m=diff.model: scale * m.embeddings()[ids]
         kw = dict(t=torch.full((4,), 0.5), gen=torch.Generator().manual_seed(0), self_cond=False)
@@ -398,3 +398,9 @@ def test_expected_estimate_is_the_mixture_of_embeddings():
         hidden = 1 - d.gamma(torch.tensor(0.5)).item()
         rest = (parts["loss"] - parts["mse"] - parts["ce"] - GAP_WEIGHT * parts["gap_ce"]).item()
         assert rest == pytest.approx(hidden * raw, rel=1e-4)
+        # each row at its own t and weight: the extra term weighs each row by its 1 - γ(t) and its weight
+        t, w = torch.tensor([0.2, 0.5, 0.7, 0.9]), torch.tensor([1.0, 2.0, 3.0, 4.0])
+        parts = d.loss(ids, length_mask, cond_mask, t=t, gen=torch.Generator().manual_seed(0), self_cond=False, mse_weight=w)
+        rest = (parts["loss"] - parts["mse"] - parts["ce"] - GAP_WEIGHT * parts["gap_ce"]).item()
+        per_row = target.sum(1) * (1 - d.gamma(t)) * w * (scale - 1) ** 2  # h is off by (scale - 1) at every position
+        assert rest == pytest.approx((per_row.sum() / target.sum()).item(), rel=1e-4)

@@ -187,6 +187,8 @@ def test_denoising_leaves_the_config_alone(run_dir, tok):
     assert diffusion.cfg.self_cond_rate == 0.5  # self-conditioning was off on a copy only
     assert first == evaluate.denoising(diffusion, corpus, batch_size=2)  # seeded: the same numbers
     assert list(first) == ["0.1", "0.3", "0.5", "0.7", "0.9"] and all(0 <= v["acc"] <= 1 for v in first.values())
+    diffusion.cfg.expected = True  # trained to score the expected embedding: still the output's mse
+    assert evaluate.denoising(diffusion, corpus, batch_size=2) == first and diffusion.cfg.expected
 
 
 def test_fills_and_samples_get_their_own_settings(run_dir, tok):

@@ -286,8 +286,8 @@ def test_resuming_with_another_model_setting_is_refused(corpus_file, tok_file, t
         train(config(corpus_file, tok_file, out, max_steps=4, seed=4, valid=corpus_file), quiet=True)
     with pytest.raises(UserError, match="--max-len 64; resuming with 32"):
         train(config(corpus_file, tok_file, out, max_steps=4, max_len=32), quiet=True)
-    with pytest.raises(UserError, match="--expected True; resuming with False"):  # another loss
-        train(config(corpus_file, tok_file, out, max_steps=4, expected=False), quiet=True)
+    with pytest.raises(UserError, match="--expected False; resuming with True"):  # another loss
+        train(config(corpus_file, tok_file, out, max_steps=4, expected=True), quiet=True)
     train(config(corpus_file, tok_file, out, max_steps=3, max_len=64, embed_dim=16), quiet=True)  # the preset's: the same
     assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"] == 3
 

@@ -300,7 +300,7 @@ class Diffusion:
         else:
             ce, pred = tied_cross_entropy(x0_hat, self.model.readout(), y)  # (N,), (N,)
             est = x0_hat  # (N, E)
-        row_weight = torch.ones(len(y), device=dev) if mse_weight is None else mse_weight[target_index // L]  # (N,)
+        row_weight = 1.0 if mse_weight is None else mse_weight[target_index // L]  # (N,)
         mse = ((est - x0) ** 2).mean(-1) * row_weight  # (N,)
         out = {"mse": mse.sum() / n, "ce": ce.sum() / n, "acc": (pred == y).float().sum() / n}
         out["gap_ce"] = gap_ce.sum() / (max(1, len(gap_index)) if gap_denom is None else gap_denom)

@@ -149,8 +149,7 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
             mcfg.embed_dim = cfg.embed_dim
         mcfg.backbone = cfg.backbone
         dcfg = DiffusionConfig(noise_scale=cfg.noise_scale, schedule=cfg.schedule, sampler=cfg.sampler,
-                               self_cond_rate=cfg.self_cond_rate, skip=cfg.skip,
-                               expected=cfg.expected)
+                               self_cond_rate=cfg.self_cond_rate, skip=cfg.skip, expected=cfg.expected)
         try:
             model = build_model(mcfg).to(device)
         except ValueError as e:

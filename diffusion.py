@@ -48,13 +48,14 @@ class DiffusionConfig:
     # Sampling defaults, measured with evaluate.py (README, "Few steps"): 20 ancestral steps,
     # short ones at high noise, a slightly sharpened interpolation, beat 200 plain DDIM steps (the
     # fills' default); samples gain from more, fills do not (EXPERIMENTS.md, "What sample fluency
-    # costs"), and from restarts (EXPERIMENTS.md, "Restarts").
+    # costs"), and from restarts (EXPERIMENTS.md, "Restarts"): 100 of them at temperature 0.9
+    # (EXPERIMENTS.md, "The learning rate of the cpu preset, and 100 steps").
     sampler: str = "ddpm"         # update rule: a name in SAMPLERS
-    steps: int = 50               # number of sampling steps, for samples
+    steps: int = 100              # number of sampling steps, for samples
     infill_steps: int = 20        # the same for filling a template's gaps
     spacing: str = "restart"      # where the steps fall in t, for samples: in SPACINGS (EXPERIMENTS.md, "Restarts")
     infill_spacing: str = "quadratic"  # the same for templates (EXPERIMENTS.md, "Sampling steps where training looks")
-    temperature: float = 0.8      # softmax temperature of the sampler's interpolation, for samples
+    temperature: float = 0.9      # softmax temperature of the sampler's interpolation, for samples
     infill_temperature: float = 0.5  # the same for filling a template's gaps: a fill should be likely, samples varied
     snap: float = 0.0             # below this t, step with the likeliest token's embedding (0: never)
     # Fills drawn for each template, of which the one that agrees most with the others is kept
@@ -169,7 +170,7 @@ def restart_spacing(steps, warp=None):
     quartile and one to the next restart, or to 0 after the last. Tokens decided in parallel that
     do not join get another look, now with the rest of the line nearly decided. The times rise at
     each restart, where Diffusion.sample draws x_s around the estimate instead of stepping (so the
-    DDIM sampler too draws noise there). 50 steps: 10, then 20 restarts (EXPERIMENTS.md,
+    DDIM sampler too draws noise there). 100 steps: 20, then 40 restarts (EXPERIMENTS.md,
     "Restarts"); below 5 steps the times never rise. The last network evaluation is at the lower
     quartile: more steps below it changed nothing measurable, the tokens are decided by then."""
     restarts = steps * 2 // 5

@@ -200,12 +200,12 @@ def main():
     p.add_argument("--template-file", help="a file of templates, one a line")
     p.add_argument("--prefix", help="text to continue")
     p.add_argument("--num-samples", type=int, default=4, help="texts per template (or in all, without a template)")
-    p.add_argument("--steps", type=int, help="denoising steps (default: the checkpoint's, 20 for templates and 50 otherwise in new ones)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: the checkpoint's, 20 for templates and 100 otherwise in new ones)")
     p.add_argument("--sampler", default="", help=f"update rule, one of {', '.join(SAMPLERS)}; default: the checkpoint's")
     p.add_argument("--spacing", default="", help=f"where the steps fall in t, one of {', '.join(SPACINGS)} "
                    "(default: the checkpoint's, quadratic for templates and restart otherwise in new ones)")
     p.add_argument("--temperature", type=float, help="softmax temperature of the interpolation; below 1 commits sooner "
-                   "(default: the checkpoint's, 0.5 for templates and 0.8 otherwise in new ones)")
+                   "(default: the checkpoint's, 0.5 for templates and 0.9 otherwise in new ones)")
     p.add_argument("--candidates", type=int, help="texts drawn for each result, of which the one that agrees most "
                    "with the others is kept (default: the checkpoint's, 8 for templates in new ones; 1 otherwise)")
     p.add_argument("--snap", type=float, help="below this t, step with the likeliest token's embedding (default: the checkpoint's)")

@@ -14,7 +14,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -42,7 +42,7 @@ class TrainConfig:
     max_len: int = 0           # 0: the preset's
     batch_size: int = 64       # lines per optimizer step, over all processes and accumulation steps
     grad_accum: int = 1
-    lr: float = 1e-3
+    lr: float = 0.0            # peak learning rate; 0: the preset's (PEAK_LR)
     min_lr_ratio: float = 0.1
     warmup: int = 100
     weight_decay: float = 0.01
@@ -73,6 +73,11 @@ class TrainConfig:
     threads: int = 0
     precision: str = "auto"    # auto, fp32 or bf16 (autocast); see use_bf16
     compile: bool = False      # torch.compile the network
+
+
+# The peak learning rate of a preset, where it is not 1e-3: smaller networks take higher ones (GPT-3's
+# table gives one per size). The `cpu` preset's: EXPERIMENTS.md, "The learning rate of the cpu preset".
+PEAK_LR = {"cpu": 2e-3}
 
 
 def lr_at(cfg: TrainConfig, step: int, progress: float) -> float:
@@ -132,6 +137,9 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
                 os.remove(os.path.join(cfg.out, f))
     ckpt_path = os.path.join(cfg.out, "ckpt.pt")
     resume = checkpoint.load(ckpt_path) if os.path.exists(ckpt_path) else None
+    # no --lr: a resumed run keeps its own, a new one takes its preset's
+    lr_before = resume.get("train_config", {}).get("lr") if resume is not None else None
+    cfg = replace(cfg, lr=cfg.lr or lr_before or PEAK_LR.get(cfg.preset, 1e-3))
 
     if resume is not None:
         checkpoint.check_resume(resume, ckpt_path, asdict(cfg))
@@ -420,7 +428,8 @@ def parse_args(argv=None) -> TrainConfig:
     p.add_argument("--max-len", type=int, default=d.max_len, help="longest text in tokens, EOS included (0: the preset's)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="lines per step")
     p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="split each batch into this many sequential pieces (less memory, same result)")
-    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
+    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (default or 0: a resumed run's "
+                   "own, else the preset's: 2e-3 for cpu, 1e-3 for the others)")
     p.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="final learning rate as a share of --lr")
     p.add_argument("--warmup", type=int, default=d.warmup, help="linear warm-up steps")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay on matrices")
@@ -470,7 +479,7 @@ def parse_args(argv=None) -> TrainConfig:
         p.error("--self-cond-rate, --open-rate and --warp-floor must be between 0 and 1")
     if not 0 <= cfg.ema < 1:
         p.error("--ema must be at least 0 and below 1")
-    if not all(0 < x < math.inf for x in (cfg.lr, cfg.grad_clip, cfg.noise_scale)):
+    if not all(0 < x < math.inf for x in (cfg.lr or 1, cfg.grad_clip, cfg.noise_scale)):
         p.error("--lr, --grad-clip and --noise-scale must be positive and finite")
     if not 0 <= cfg.min_lr_ratio <= 1:
         p.error("--min-lr-ratio must be between 0 and 1")

@@ -1,5 +1,6 @@
 """The model learns: a tiny model memorises 16 sentences, then fills a hidden word back in; and
 one trained on lines of one to four of them tells how long a hidden span is."""
+import json
 import os
 import random
 import statistics
@@ -11,7 +12,7 @@ import checkpoint
 from conftest import SENTENCES
 from data import Corpus, open_gaps
 from sample import generate
-from train import TrainConfig, train
+from train import PEAK_LR, TrainConfig, train
 
 
 @pytest.fixture(scope="module")
@@ -79,3 +80,16 @@ def test_tells_how_long_a_gap_is(lengths_taught):
     mad = statistics.fmean(abs(g - t) for g, t in zip(guess, truth))
     assert len(set(guess)) > 1 and statistics.correlation(guess, truth) > 0.6, (guess, truth)
     assert mad < statistics.fmean(abs(median - t) for t in truth)  # better than one length for all
+
+
+def test_the_peak_learning_rate_is_the_presets_unless_given_and_a_resumed_run_keeps_its_own(corpus_file, tok, tmp_path):
+    def lr_of(out, **kw):
+        train(TrainConfig(corpus=corpus_file, tokenizer=tok_path(tok, str(tmp_path)), out=str(tmp_path / out),
+                          batch_size=16, eval_every=10_000, **{"max_steps": 1, **kw}), quiet=True)
+        with open(tmp_path / out / "config.json") as f:
+            return json.load(f)["train"]["lr"]
+
+    assert lr_of("cpu", preset="cpu") == PEAK_LR["cpu"] != 1e-3
+    assert lr_of("tiny", preset="tiny") == 1e-3
+    assert lr_of("given", preset="cpu", lr=5e-4) == 5e-4
+    assert lr_of("given", preset="cpu", max_steps=2) == 5e-4  # resumed without --lr: not the preset's

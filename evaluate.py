@@ -252,14 +252,14 @@ def text_stats(texts, tokens, judge, tok, train_set) -> dict:
 
 
 def evaluate(diffusion, tok, valid_lines, judge=None, train_lines=None, length_hist=None, num_lines=200,
-             num_samples=200, steps=DiffusionConfig.steps, sampler=DiffusionConfig.sampler, seed=0, batch_size=64,
-             spacing=None, guidance=1.0, temperature=DiffusionConfig.temperature,
-             snap=DiffusionConfig.snap, infill_temperature=DiffusionConfig.infill_temperature,
-             infill_spacing=None, infill_steps=DiffusionConfig.infill_steps, infill_candidates=None) -> dict:
+             num_samples=200, steps=None, sampler=DiffusionConfig.sampler, seed=0, batch_size=64,
+             spacing=None, guidance=1.0, temperature=None, snap=DiffusionConfig.snap, infill_temperature=None,
+             infill_spacing=None, infill_steps=None, infill_candidates=None) -> dict:
     """All sections as a dict of plain values (the JSON). Infilling and open gaps are sampled in
     `infill_steps` steps at `infill_temperature` with `infill_spacing`, keeping the consensus of
     `infill_candidates` fills, unconditional samples in `steps` at `temperature` with `spacing`, as
-    sample.py does by default; the spacings and candidates default to the checkpoint's."""
+    sample.py does by default; the steps, spacings, temperatures and candidates default to the
+    checkpoint's."""
     steps, spacing, temperature, _ = diffusion.cfg.settings(False, steps, spacing, temperature)
     infill_steps, infill_spacing, infill_temperature, infill_candidates = diffusion.cfg.settings(
         True, infill_steps, infill_spacing, infill_temperature, infill_candidates)
@@ -307,18 +307,17 @@ def main(argv=None):
     p.add_argument("--train", default="", help="training text for the copy check (default: the checkpoint's corpus, if found)")
     p.add_argument("--num-lines", type=int, default=200, help="held-out lines to use (a fixed-seed choice)")
     p.add_argument("--num-samples", type=int, default=200, help="unconditional samples")
-    p.add_argument("--steps", type=int, default=DiffusionConfig.steps, help="denoising steps for unconditional samples")
-    p.add_argument("--infill-steps", type=int, default=DiffusionConfig.infill_steps, help="the same, for infilling and gaps of open length")
+    p.add_argument("--steps", type=int, help="denoising steps for unconditional samples (default: the checkpoint's)")
+    p.add_argument("--infill-steps", type=int, help="the same, for infilling and gaps of open length")
     p.add_argument("--sampler", default=DiffusionConfig.sampler, help=f"update rule, one of {', '.join(SAMPLERS)}")
     p.add_argument("--spacing", default="", help=f"where the steps fall in t for samples, one of {', '.join(SPACINGS)}; "
-                   "default: the checkpoint's (the other settings default to this code's)")
+                   "default: the checkpoint's")
     p.add_argument("--infill-spacing", default="", help="the same, for infilling and gaps of open length")
     p.add_argument("--infill-candidates", type=int, help="fills drawn for each line, of which the consensus is kept "
                    "(default: the checkpoint's)")
-    p.add_argument("--temperature", type=float, default=DiffusionConfig.temperature,
-                   help="softmax temperature of the sampler's interpolation, for unconditional samples")
-    p.add_argument("--infill-temperature", type=float, default=DiffusionConfig.infill_temperature,
-                   help="the same, for infilling and gaps of open length")
+    p.add_argument("--temperature", type=float, help="softmax temperature of the sampler's interpolation, for "
+                   "unconditional samples (default: the checkpoint's)")
+    p.add_argument("--infill-temperature", type=float, help="the same, for infilling and gaps of open length")
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance weight for infilling (1: none)")
     p.add_argument("--snap", type=float, default=DiffusionConfig.snap, help="below this t, step with the likeliest token's embedding")
     p.add_argument("--seed", type=seed_arg, default=0, help="seed of every draw: the same seed gives the same numbers")
@@ -338,9 +337,9 @@ def main(argv=None):
         return
     if not a.ckpt or not a.valid:
         p.error("give --ckpt and --valid (or --compare BEFORE AFTER)")
-    if min(a.num_lines, a.num_samples, a.steps, a.infill_steps, a.batch_size) < 1 \
-            or (a.infill_candidates is not None and a.infill_candidates < 1) \
-            or not all(0 < x < math.inf for x in (a.temperature, a.infill_temperature)):
+    counts = (a.num_lines, a.num_samples, a.steps, a.infill_steps, a.batch_size, a.infill_candidates)  # None: the checkpoint's
+    if min(x for x in counts if x is not None) < 1 \
+            or not all(0 < x < math.inf for x in (a.temperature, a.infill_temperature) if x is not None):
         p.error("--num-lines, --num-samples, --steps, --infill-steps, --infill-candidates and --batch-size must be at least 1; "
                 "--temperature and --infill-temperature positive and finite")
     if not math.isfinite(a.guidance) or not math.isfinite(a.snap):

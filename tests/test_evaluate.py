@@ -241,6 +241,18 @@ def test_evaluate_end_to_end_twice(run_dir, corpus_file, capsys):
     assert "denoising" in out and "judge perplexity" in out and "network evaluations per fill" in out
 
 
+def test_sampling_settings_default_to_the_checkpoints(run_dir, corpus_file, tmp_path):
+    """Without --steps and --temperature (and their --infill-* twins) a checkpoint is evaluated as it
+    samples, with its own settings, not this code's defaults: older JSONs stay reproducible."""
+    ckpt = checkpoint.load(str(run_dir / "out" / "ckpt.pt"))
+    ckpt["diffusion_config"].update(steps=4, temperature=0.7, infill_steps=3, infill_temperature=0.6)
+    checkpoint.save(str(tmp_path / "older.pt"), **ckpt)
+    evaluate.main(["--ckpt", str(tmp_path / "older.pt"), "--valid", corpus_file, "--num-lines", "4", "--num-samples", "2",
+                   "--batch-size", "4", "--threads", "1", "--json", str(tmp_path / "r.json")])
+    s = json.loads((tmp_path / "r.json").read_text())["settings"]
+    assert (s["steps"], s["temperature"], s["infill_steps"], s["infill_temperature"]) == (4, 0.7, 3, 0.6)
+
+
 def test_user_mistakes(run_dir, corpus_file, tmp_path):
     ckpt, good_judge = str(run_dir / "out" / "ckpt.pt"), str(run_dir / "judge.pt")
     other = train_tokenizer(SENTENCES, 120, str(tmp_path / "other"))

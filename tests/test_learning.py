@@ -93,3 +93,4 @@ def test_the_peak_learning_rate_is_the_presets_unless_given_and_a_resumed_run_ke
     assert lr_of("tiny", preset="tiny") == 1e-3
     assert lr_of("given", preset="cpu", lr=5e-4) == 5e-4
     assert lr_of("given", preset="cpu", max_steps=2) == 5e-4  # resumed without --lr: not the preset's
+    assert lr_of("given", preset="cpu", max_steps=3, lr=7e-4) == 7e-4  # resumed with one: that one

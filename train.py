@@ -42,7 +42,7 @@ class TrainConfig:
     max_len: int = 0           # 0: the preset's
     batch_size: int = 64       # lines per optimizer step, over all processes and accumulation steps
     grad_accum: int = 1
-    lr: float = 0.0            # peak learning rate; 0: the preset's (PEAK_LR)
+    lr: float = 0.0            # peak learning rate; 0: a resumed run's own, else the preset's (PEAK_LR)
     min_lr_ratio: float = 0.1
     warmup: int = 100
     weight_decay: float = 0.01
@@ -76,7 +76,8 @@ class TrainConfig:
 
 
 # The peak learning rate of a preset, where it is not 1e-3: smaller networks take higher ones (GPT-3's
-# table gives one per size). The `cpu` preset's: EXPERIMENTS.md, "The learning rate of the cpu preset".
+# table gives one per size). The `cpu` preset's: EXPERIMENTS.md, "The learning rate of the cpu
+# preset, and 100 steps".
 PEAK_LR = {"cpu": 2e-3}
 
 

@@ -139,8 +139,7 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
     ckpt_path = os.path.join(cfg.out, "ckpt.pt")
     resume = checkpoint.load(ckpt_path) if os.path.exists(ckpt_path) else None
     # no --lr: a resumed run keeps its own, a new one takes its preset's
-    lr_before = resume.get("train_config", {}).get("lr") if resume is not None else None
-    cfg = replace(cfg, lr=cfg.lr or lr_before or PEAK_LR.get(cfg.preset, 1e-3))
+    cfg = replace(cfg, lr=cfg.lr or (resume or {}).get("train_config", {}).get("lr") or PEAK_LR.get(cfg.preset, 1e-3))
 
     if resume is not None:
         checkpoint.check_resume(resume, ckpt_path, asdict(cfg))
@@ -480,7 +479,7 @@ def parse_args(argv=None) -> TrainConfig:
         p.error("--self-cond-rate, --open-rate and --warp-floor must be between 0 and 1")
     if not 0 <= cfg.ema < 1:
         p.error("--ema must be at least 0 and below 1")
-    if not all(0 < x < math.inf for x in (cfg.lr or 1, cfg.grad_clip, cfg.noise_scale)):
+    if not all(0 < x < math.inf for x in (cfg.lr or 1, cfg.grad_clip, cfg.noise_scale)):  # --lr 0: the default
         p.error("--lr, --grad-clip and --noise-scale must be positive and finite")
     if not 0 <= cfg.min_lr_ratio <= 1:
         p.error("--min-lr-ratio must be between 0 and 1")
